@@ -1,0 +1,500 @@
+//! The one batcher behind sends, acks, nacks and lease extensions.
+//!
+//! Items wait in a queue. Whenever fewer than `max_handlers` driver calls are
+//! in flight and at least `min_batch_size` items wait, a handler task takes
+//! up to `max_batch_size` items (and `max_batch_bytes`) and hands them to the
+//! driver. So a lone item leaves at once, and batches form by themselves
+//! while the handlers are busy: no timer ever delays a send.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, Notify};
+
+use crate::driver::{BatchError, BatchLimits};
+use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+
+/// Where a batch goes. Implemented by the topic and subscription engines
+/// around a driver call.
+#[async_trait]
+pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
+    async fn handle(&self, batch: &[T]) -> Result<(), BatchError>;
+
+    /// Called with the final error of an item nobody waits for (acks).
+    fn unreported_failure(&self, error: Error) {
+        tracing::warn!(%error, "batched operation failed");
+    }
+}
+
+/// The receiving half of one item's result. Dropping it before the item has
+/// been handed to the driver withdraws the item.
+pub(crate) type Reply = oneshot::Receiver<Result<()>>;
+
+pub(crate) struct Batcher<T: Send + 'static> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T: Send + 'static> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Batcher {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<T> {
+    limits: BatchLimits,
+    retry: RetryPolicy,
+    handler: Arc<dyn BatchHandler<T>>,
+    state: Mutex<State<T>>,
+    idle: Notify,
+    runtime: Handle,
+}
+
+struct State<T> {
+    pending: VecDeque<Entry<T>>,
+    active: usize,
+    /// Set by `flush`/`shutdown`: send what waits even below the minimum.
+    flushing: bool,
+    closed: bool,
+}
+
+struct Entry<T> {
+    item: T,
+    size: usize,
+    reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+impl<T> Entry<T> {
+    fn withdrawn(&self) -> bool {
+        self.reply.as_ref().is_some_and(|r| r.is_closed())
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Must be called inside a Tokio runtime: handlers are spawned on it.
+    pub(crate) fn new(
+        limits: BatchLimits,
+        retry: RetryPolicy,
+        handler: Arc<dyn BatchHandler<T>>,
+    ) -> Self {
+        let limits = BatchLimits {
+            max_batch_size: limits.max_batch_size.max(1),
+            min_batch_size: limits.min_batch_size.clamp(1, limits.max_batch_size.max(1)),
+            max_batch_bytes: limits.max_batch_bytes,
+            max_handlers: limits.max_handlers.max(1),
+        };
+        Batcher {
+            inner: Arc::new(Inner {
+                limits,
+                retry,
+                handler,
+                state: Mutex::new(State {
+                    pending: VecDeque::new(),
+                    active: 0,
+                    flushing: false,
+                    closed: false,
+                }),
+                idle: Notify::new(),
+                runtime: Handle::current(),
+            }),
+        }
+    }
+
+    /// Queues an item whose result someone awaits.
+    pub(crate) fn add(&self, item: T, size: usize) -> Result<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.push(Entry {
+            item,
+            size,
+            reply: Some(tx),
+        })?;
+        Ok(rx)
+    }
+
+    /// Queues an item nobody waits for; its failure goes to the handler's
+    /// `unreported_failure`.
+    pub(crate) fn add_detached(&self, item: T, size: usize) -> Result<()> {
+        self.push(Entry {
+            item,
+            size,
+            reply: None,
+        })
+    }
+
+    /// Queues several detached items under one lock.
+    pub(crate) fn add_detached_many(&self, items: impl IntoIterator<Item = T>) -> Result<()> {
+        let mut st = self.inner.lock();
+        if st.closed {
+            return Err(Error::failed_precondition("already shut down"));
+        }
+        st.pending.extend(items.into_iter().map(|item| Entry {
+            item,
+            size: 0,
+            reply: None,
+        }));
+        self.start_handlers(&mut st);
+        Ok(())
+    }
+
+    fn push(&self, entry: Entry<T>) -> Result<()> {
+        let mut st = self.inner.lock();
+        if st.closed {
+            return Err(Error::failed_precondition("already shut down"));
+        }
+        st.pending.push_back(entry);
+        self.start_handlers(&mut st);
+        Ok(())
+    }
+
+    fn start_handlers(&self, st: &mut State<T>) {
+        while st.active < self.inner.limits.max_handlers && self.inner.ready(st) {
+            st.active += 1;
+            let inner = self.inner.clone();
+            self.inner.runtime.spawn(async move { inner.handler_loop().await });
+        }
+    }
+
+    /// Sends everything queued, even below the minimum batch size, and
+    /// waits until no call is in flight. Later items still batch normally.
+    #[allow(dead_code)]
+    pub(crate) async fn flush(&self) {
+        self.drain(false).await;
+    }
+
+    /// Refuses new items, sends everything queued and waits for it.
+    pub(crate) async fn shutdown(&self) {
+        self.drain(true).await;
+    }
+
+    async fn drain(&self, close: bool) {
+        loop {
+            let idle = self.inner.idle.notified();
+            tokio::pin!(idle);
+            {
+                let mut st = self.inner.lock();
+                if close {
+                    st.closed = true;
+                }
+                st.flushing = true;
+                self.start_handlers(&mut st);
+                if st.active == 0 && st.pending.is_empty() {
+                    if !close {
+                        st.flushing = false;
+                    }
+                    return;
+                }
+                idle.as_mut().enable();
+            }
+            idle.await;
+        }
+    }
+
+    /// Whether `shutdown` has begun.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+}
+
+impl<T: Send + 'static> Inner<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic while holding this lock cannot leave the queue half-updated
+        // in a way that matters more than losing the process, so recover.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ready(&self, st: &State<T>) -> bool {
+        !st.pending.is_empty()
+            && (st.flushing || st.pending.len() >= self.limits.min_batch_size)
+    }
+
+    fn take_batch(&self, st: &mut State<T>) -> Vec<Entry<T>> {
+        let mut batch = Vec::with_capacity(st.pending.len().min(self.limits.max_batch_size));
+        let mut bytes = 0usize;
+        while batch.len() < self.limits.max_batch_size {
+            let Some(front) = st.pending.front() else {
+                break;
+            };
+            if front.withdrawn() {
+                st.pending.pop_front();
+                continue;
+            }
+            if let Some(max) = self.limits.max_batch_bytes {
+                if !batch.is_empty() && bytes + front.size > max {
+                    break;
+                }
+            }
+            bytes += front.size;
+            batch.push(st.pending.pop_front().expect("front exists"));
+        }
+        batch
+    }
+
+    async fn handler_loop(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut st = self.lock();
+                if !self.ready(&st) {
+                    st.active -= 1;
+                    if st.active == 0 {
+                        // Withdrawn items left behind below the minimum are
+                        // not worth a wake-up of their own.
+                        st.pending.retain(|e| !e.withdrawn());
+                        if st.pending.is_empty() {
+                            self.idle.notify_waiters();
+                        }
+                    }
+                    return;
+                }
+                self.take_batch(&mut st)
+            };
+            if !batch.is_empty() {
+                self.run(batch).await;
+            }
+        }
+    }
+
+    /// Hands one batch to the driver, retrying temporary failures of the
+    /// items that failed, and reports each item's final result.
+    async fn run(&self, batch: Vec<Entry<T>>) {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for e in batch {
+            items.push(e.item);
+            replies.push(e.reply);
+        }
+        let mut attempt = 0u32;
+        loop {
+            let failed = match self.handler.handle(&items).await {
+                Ok(()) => Vec::new(),
+                Err(BatchError::All(e)) => (0..items.len()).map(|i| (i, e.clone())).collect(),
+                Err(BatchError::Items(f)) => f,
+            };
+            if failed.is_empty() {
+                for r in replies.into_iter().flatten() {
+                    let _ = r.send(Ok(()));
+                }
+                return;
+            }
+            let mut failed_at: Vec<Option<Error>> = vec![None; items.len()];
+            for (i, e) in failed {
+                if let Some(slot) = failed_at.get_mut(i) {
+                    *slot = Some(e);
+                }
+            }
+            let mut retry_items = Vec::new();
+            let mut retry_replies = Vec::new();
+            let mut last_error = None;
+            for ((item, reply), failure) in items.into_iter().zip(replies).zip(failed_at) {
+                match failure {
+                    None => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    // Nobody waits any more for a send that failed: the
+                    // sender was never told it succeeded, so give up on it.
+                    Some(_) if reply.as_ref().is_some_and(|r| r.is_closed()) => {}
+                    Some(e) if e.is_temporary() => {
+                        last_error = Some(e);
+                        retry_items.push(item);
+                        retry_replies.push(reply);
+                    }
+                    Some(e) => match reply {
+                        Some(r) => {
+                            let _ = r.send(Err(e));
+                        }
+                        None => self.handler.unreported_failure(e),
+                    },
+                }
+            }
+            if retry_items.is_empty() {
+                return;
+            }
+            let wait = self.retry.backoff(attempt);
+            tracing::debug!(
+                error = %last_error.expect("a temporary failure"),
+                attempt,
+                items = retry_items.len(),
+                ?wait,
+                "retrying temporary failure"
+            );
+            tokio::time::sleep(wait).await;
+            attempt = attempt.saturating_add(1);
+            items = retry_items;
+            replies = retry_replies;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// A fake driver call that records batch sizes and can fail on demand.
+    #[derive(Default)]
+    struct Recorder {
+        batches: Mutex<Vec<Vec<u32>>>,
+        fail_first: AtomicUsize,
+        permanent_for: Mutex<Vec<u32>>,
+        delay: Duration,
+        unreported: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BatchHandler<u32> for Recorder {
+        async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            self.batches.lock().unwrap().push(batch.to_vec());
+            if self
+                .fail_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Error::unavailable("flaky").into());
+            }
+            let perm = self.permanent_for.lock().unwrap();
+            let failed: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| perm.contains(v))
+                .map(|(i, _)| (i, Error::invalid_argument("bad item")))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(BatchError::Items(failed))
+            }
+        }
+        fn unreported_failure(&self, _error: Error) {
+            self.unreported.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fast_retry() -> RetryPolicy {
+        RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5))
+    }
+
+    #[tokio::test]
+    async fn lone_item_leaves_at_once_and_batches_form_while_busy() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(100, 1), fast_retry(), rec.clone());
+        let first = b.add(0, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let rest: Vec<_> = (1..=50).map(|i| b.add(i, 1).unwrap()).collect();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(batches[0], vec![0], "a lone item is not held back");
+        assert_eq!(batches.len(), 2, "items queued while busy travel together");
+        assert_eq!(batches[1].len(), 50);
+    }
+
+    #[tokio::test]
+    async fn respects_max_size_bytes_and_min_size() {
+        let rec = Arc::new(Recorder::default());
+        let limits = BatchLimits {
+            max_batch_size: 3,
+            min_batch_size: 2,
+            max_batch_bytes: Some(10),
+            max_handlers: 1,
+        };
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        let lone = b.add(1, 4).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            rec.batches.lock().unwrap().is_empty(),
+            "below the minimum nothing is sent"
+        );
+        let replies: Vec<_> = (2..=7).map(|i| b.add(i, 4).unwrap()).collect();
+        lone.await.unwrap().unwrap();
+        b.shutdown().await;
+        for r in replies {
+            r.await.unwrap().unwrap();
+        }
+        let batches = rec.batches.lock().unwrap().clone();
+        assert!(batches.iter().all(|x| x.len() <= 2), "10 bytes hold two items of 4: {batches:?}");
+        assert_eq!(batches.concat(), (1..=7).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn withdrawn_items_are_never_sent() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(100, 1), fast_retry(), rec.clone());
+        let busy = b.add(0, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let dropped = b.add(1, 1).unwrap();
+        let kept = b.add(2, 1).unwrap();
+        drop(dropped);
+        busy.await.unwrap().unwrap();
+        kept.await.unwrap().unwrap();
+        assert_eq!(rec.batches.lock().unwrap().concat(), vec![0, 2]);
+    }
+
+    #[tokio::test]
+    async fn temporary_failures_are_retried_permanent_ones_reported() {
+        let rec = Arc::new(Recorder {
+            fail_first: AtomicUsize::new(2),
+            permanent_for: Mutex::new(vec![3]),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(100, 1), fast_retry(), rec.clone());
+        let ok = b.add(1, 1).unwrap().await.unwrap();
+        assert!(ok.is_ok(), "retried past two temporary failures");
+        let bad = b.add(3, 1).unwrap().await.unwrap();
+        assert_eq!(bad.unwrap_err().kind(), ErrorKind::InvalidArgument);
+        b.add_detached(3, 0).unwrap();
+        b.shutdown().await;
+        assert_eq!(rec.unreported.load(Ordering::SeqCst), 1);
+        let err = b.add(4, 1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn partial_failures_retry_only_failed_items() {
+        struct FailOnce {
+            seen: Mutex<Vec<Vec<u32>>>,
+        }
+        #[async_trait]
+        impl BatchHandler<u32> for FailOnce {
+            async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
+                let mut seen = self.seen.lock().unwrap();
+                seen.push(batch.to_vec());
+                if seen.len() == 1 {
+                    Err(BatchError::Items(vec![(1, Error::unavailable("later"))]))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+        let h = Arc::new(FailOnce {
+            seen: Mutex::new(Vec::new()),
+        });
+        let limits = BatchLimits {
+            min_batch_size: 3,
+            ..BatchLimits::new(10, 1)
+        };
+        let b = Batcher::new(limits, fast_retry(), h.clone());
+        let rs: Vec<_> = (0..3).map(|i| b.add(i, 1).unwrap()).collect();
+        for r in rs {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(*h.seen.lock().unwrap(), vec![vec![0, 1, 2], vec![1]]);
+    }
+}

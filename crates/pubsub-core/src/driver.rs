@@ -1,0 +1,392 @@
+//! The contract a backend implements.
+//!
+//! A driver only moves batches: it is handed a batch of messages, acks or
+//! nacks and reports per-item success or failure, or asked for up to `max`
+//! messages. It never retries, never buffers and never spawns batching of its
+//! own: [`crate::Topic`] and [`crate::Subscription`] do all of that, once, for
+//! every backend.
+//!
+//! Each driver maps its native errors onto [`crate::Error`] in one function
+//! (by convention `error.rs` in the driver crate), attaching the native error
+//! as the source so users can downcast to it.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::message::Attributes;
+
+/// The backend's handle for acknowledging one delivery.
+///
+/// Small integer ids (AMQP delivery tags, in-memory sequence numbers) are
+/// stored inline; anything else is boxed and reached by downcasting.
+#[derive(Clone)]
+pub struct AckId(AckRepr);
+
+#[derive(Clone)]
+enum AckRepr {
+    Int(u64),
+    Text(Arc<str>),
+    Other(Arc<dyn Any + Send + Sync>),
+}
+
+impl AckId {
+    /// An id that is a number.
+    pub fn from_u64(id: u64) -> Self {
+        AckId(AckRepr::Int(id))
+    }
+
+    /// An id that is a string (receipt handles, ack ids, reply subjects).
+    pub fn from_text(id: impl Into<Arc<str>>) -> Self {
+        AckId(AckRepr::Text(id.into()))
+    }
+
+    /// An id of any other type.
+    pub fn new<T: Any + Send + Sync>(id: T) -> Self {
+        AckId(AckRepr::Other(Arc::new(id)))
+    }
+
+    /// The number, if this id was made with [`AckId::from_u64`].
+    pub fn as_u64(&self) -> Option<u64> {
+        match self.0 {
+            AckRepr::Int(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The string, if this id was made with [`AckId::from_text`].
+    pub fn as_text(&self) -> Option<&str> {
+        match &self.0 {
+            AckRepr::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value, if this id was made with [`AckId::new`] from a `T`.
+    pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
+        match &self.0 {
+            AckRepr::Other(a) => a.downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for AckId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            AckRepr::Int(n) => write!(f, "AckId({n})"),
+            AckRepr::Text(s) => write!(f, "AckId({s:?})"),
+            AckRepr::Other(_) => f.write_str("AckId(..)"),
+        }
+    }
+}
+
+/// A hook that sees the backend's own outgoing record before it is sent.
+pub type BeforeSend = Arc<dyn Fn(&mut dyn Any) -> Result<()> + Send + Sync>;
+
+/// A hook that sees the backend's own record of a sent message (for example
+/// the partition and offset it landed at).
+pub type AfterSend = Arc<dyn Fn(&dyn Any) -> Result<()> + Send + Sync>;
+
+/// A message on its way to a driver's [`Topic::send_batch`].
+#[non_exhaustive]
+pub struct OutgoingMessage {
+    /// The payload.
+    pub body: Bytes,
+    /// String attributes, already validated by the core.
+    pub attributes: Attributes,
+    /// Messages with the same key are delivered in order where the backend
+    /// supports it.
+    pub ordering_key: Option<String>,
+    pub(crate) before_send: Option<BeforeSend>,
+    pub(crate) after_send: Option<AfterSend>,
+}
+
+impl OutgoingMessage {
+    /// A message with just a body, for drivers' own tests.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        OutgoingMessage {
+            body: body.into(),
+            attributes: Attributes::new(),
+            ordering_key: None,
+            before_send: None,
+            after_send: None,
+        }
+    }
+
+    /// Runs the user's before-send hook, if any, on the backend's record.
+    ///
+    /// Drivers call this once per message after building their own record
+    /// and before sending it; an error fails that message.
+    pub fn run_before_send(&self, record: &mut dyn Any) -> Result<()> {
+        match &self.before_send {
+            Some(hook) => hook(record),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the user's after-send hook, if any, on what the backend returned.
+    pub fn run_after_send(&self, result: &dyn Any) -> Result<()> {
+        match &self.after_send {
+            Some(hook) => hook(result),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether an after-send hook is set, so drivers can skip building the
+    /// record it would see.
+    pub fn has_after_send(&self) -> bool {
+        self.after_send.is_some()
+    }
+
+    /// The size the core checks against [`Capabilities::max_message_bytes`]:
+    /// body, attribute keys and values, and the ordering key.
+    pub fn size(&self) -> usize {
+        message_size(&self.body, &self.attributes, self.ordering_key.as_deref())
+    }
+}
+
+pub(crate) fn message_size(body: &Bytes, attrs: &Attributes, key: Option<&str>) -> usize {
+    body.len()
+        + attrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + key.map_or(0, str::len)
+}
+
+impl fmt::Debug for OutgoingMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingMessage")
+            .field("body_len", &self.body.len())
+            .field("attributes", &self.attributes)
+            .field("ordering_key", &self.ordering_key)
+            .finish()
+    }
+}
+
+/// A message a driver received, not yet acknowledged.
+#[non_exhaustive]
+pub struct ReceivedMessage {
+    /// The payload.
+    pub body: Bytes,
+    /// String attributes.
+    pub attributes: Attributes,
+    /// The ordering key, where the backend carries one.
+    pub ordering_key: Option<String>,
+    /// An id fit for logs.
+    pub id: String,
+    /// How to acknowledge this delivery.
+    pub ack_id: AckId,
+    /// How many times this message was delivered, counting this one, where
+    /// the backend knows.
+    pub delivery_attempt: Option<u32>,
+    /// The backend's own message, for [`crate::Message::as_raw`].
+    pub raw: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl ReceivedMessage {
+    /// A received message with the fields every backend has.
+    pub fn new(body: Bytes, attributes: Attributes, id: String, ack_id: AckId) -> Self {
+        ReceivedMessage {
+            body,
+            attributes,
+            ordering_key: None,
+            id,
+            ack_id,
+            delivery_attempt: None,
+            raw: None,
+        }
+    }
+}
+
+impl fmt::Debug for ReceivedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceivedMessage")
+            .field("id", &self.id)
+            .field("body_len", &self.body.len())
+            .field("attributes", &self.attributes)
+            .field("ack_id", &self.ack_id)
+            .finish()
+    }
+}
+
+/// How a batch call failed.
+#[derive(Debug, Clone)]
+pub enum BatchError {
+    /// Nothing in the batch was done.
+    All(Error),
+    /// Only these items (by index into the batch) failed; the rest succeeded.
+    Items(Vec<(usize, Error)>),
+}
+
+impl From<Error> for BatchError {
+    fn from(e: Error) -> Self {
+        BatchError::All(e)
+    }
+}
+
+/// Limits a driver puts on one kind of batch, and the defaults it prefers.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most items in one call.
+    pub max_batch_size: usize,
+    /// Fewest items in one call; items wait for company unless flushed.
+    pub min_batch_size: usize,
+    /// Most bytes in one call, if limited.
+    pub max_batch_bytes: Option<usize>,
+    /// Most calls in flight at once.
+    pub max_handlers: usize,
+}
+
+impl BatchLimits {
+    /// Limits with the given maximum size and handler count.
+    pub const fn new(max_batch_size: usize, max_handlers: usize) -> Self {
+        BatchLimits {
+            max_batch_size,
+            min_batch_size: 1,
+            max_batch_bytes: None,
+            max_handlers,
+        }
+    }
+
+    /// Sets the byte limit.
+    pub const fn with_max_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = Some(bytes);
+        self
+    }
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits::new(1000, 2)
+    }
+}
+
+/// What a backend can do. The core refuses unsupported operations with an
+/// `Unimplemented` error before any I/O, and the conformance suite selects
+/// its cases from the same data.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// Messages can be handed back for prompt redelivery.
+    pub nack: bool,
+    /// A delivery's ack deadline can be pushed back.
+    pub lease_extension: bool,
+    /// Unacknowledged messages come back after an ack deadline by themselves.
+    pub redelivery_after_deadline: bool,
+    /// The deadline a fresh delivery gets, which the core's lease keeper
+    /// extends before it passes.
+    pub ack_deadline: Option<Duration>,
+    /// Messages with one ordering key are delivered in send order.
+    pub ordering_keys: bool,
+    /// Every subscription of a topic gets every message.
+    pub fan_out: bool,
+    /// Largest message the backend takes, as measured by
+    /// [`OutgoingMessage::size`].
+    pub max_message_bytes: Option<usize>,
+    /// Limits for `send_batch`.
+    pub send_batching: BatchLimits,
+    /// Limits for `send_acks`, `send_nacks` and `extend_leases`.
+    pub ack_batching: BatchLimits,
+    /// Most messages one `receive_batch` call may return; larger requests
+    /// are split across concurrent calls.
+    pub max_receive_batch: usize,
+    /// Most `receive_batch` calls in flight at once.
+    pub max_concurrent_receives: usize,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            nack: false,
+            lease_extension: false,
+            redelivery_after_deadline: false,
+            ack_deadline: None,
+            ordering_keys: false,
+            fan_out: true,
+            max_message_bytes: None,
+            send_batching: BatchLimits::default(),
+            ack_batching: BatchLimits::default(),
+            max_receive_batch: 1000,
+            max_concurrent_receives: 4,
+        }
+    }
+}
+
+/// The driver side of a topic.
+#[async_trait]
+pub trait Topic: Send + Sync + fmt::Debug + 'static {
+    /// The driver's short name (`"mem"`, `"amqp"`...), for spans and errors.
+    fn driver_name(&self) -> &'static str;
+
+    /// The resource name, for spans and errors. Never holds a secret.
+    fn resource(&self) -> &str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Sends every message of the batch and returns once the backend has
+    /// accepted them (or reports which failed). Must not retry.
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError>;
+
+    /// Releases the driver's resources. Called once, after the last batch.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The backend's own client, for [`crate::Topic::as_raw`].
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        None
+    }
+}
+
+/// The driver side of a subscription.
+#[async_trait]
+pub trait Subscription: Send + Sync + fmt::Debug + 'static {
+    /// The driver's short name, for spans and errors.
+    fn driver_name(&self) -> &'static str;
+
+    /// The resource name, for spans and errors. Never holds a secret.
+    fn resource(&self) -> &str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Returns up to `max` messages. May wait a while (a long poll) for the
+    /// first one and may return none; the core calls again. May be called
+    /// concurrently, and may be dropped when the subscription shuts down:
+    /// messages it had not returned yet must then come back by themselves.
+    async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>>;
+
+    /// Acknowledges deliveries. Acking twice, or acking an expired delivery,
+    /// must be harmless.
+    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError>;
+
+    /// Hands deliveries back for prompt redelivery, where
+    /// [`Capabilities::nack`] says so.
+    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        let _ = ids;
+        Err(Error::unimplemented("this backend cannot nack").into())
+    }
+
+    /// Pushes the ack deadline of deliveries to `by` from now, where
+    /// [`Capabilities::lease_extension`] says so.
+    async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {
+        let _ = (ids, by);
+        Err(Error::unimplemented("this backend cannot extend leases").into())
+    }
+
+    /// Releases the driver's resources. Called once, after the last acks.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The backend's own client, for [`crate::Subscription::as_raw`].
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        None
+    }
+}

@@ -1,0 +1,89 @@
+//! One publish/subscribe API over many brokers.
+//!
+//! An application sends, receives and acknowledges one message at a time;
+//! underneath, this crate batches sends, receives and acks, retries
+//! temporary failures, keeps leases of held messages alive, and lets the
+//! same code move between backends by changing a URL.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> pubsub_core::Result<()> {
+//! use pubsub_core::{open_subscription, open_topic, Message};
+//!
+//! // Subscribe first: a subscription gets messages sent after it exists.
+//! let sub = open_subscription("mem://orders?ackdeadline=30s").await?;
+//! let topic = open_topic("mem://orders").await?;
+//!
+//! topic.send(Message::new("hello").with_attribute("lang", "en")).await?;
+//!
+//! let msg = sub.receive().await?;
+//! assert_eq!(msg.body().as_ref(), b"hello");
+//! assert_eq!(msg.attribute("lang"), Some("en"));
+//! msg.ack();
+//!
+//! topic.shutdown().await?;
+//! sub.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Pieces
+//! - [`Topic`], [`Subscription`] and [`Message`]: the API applications use.
+//! - [`driver`]: the small contract a backend implements.
+//! - [`open_topic`] / [`open_subscription`] and [`Registry`]: opening by URL.
+//! - [`mem`]: the in-memory driver, a faithful model of a broker for tests
+//!   and single-process use.
+//!
+//! # Semantics every driver keeps
+//! - `send` returns once the backend accepted the batch holding the message;
+//!   dropping its future before the batch leaves withdraws the message.
+//! - `receive` is cancel-safe; messages are delivered at least once until
+//!   acked; `nack` asks for prompt redelivery.
+//! - A received message dropped without ack or nack is nacked where the
+//!   backend can (counted in [`SubscriptionStats`]), else left to its ack
+//!   deadline.
+//! - After `shutdown`, every call on any clone fails with
+//!   [`ErrorKind::FailedPrecondition`].
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod batcher;
+pub mod driver;
+mod error;
+pub mod mem;
+mod message;
+mod options;
+mod registry;
+mod retry;
+mod subscription;
+mod topic;
+
+pub use bytes::Bytes;
+pub use driver::{BatchLimits, Capabilities};
+pub use error::{Error, ErrorKind, Result};
+pub use message::{Attributes, Message};
+pub use options::{BatchOptions, SubscriptionOptions, TopicOptions};
+pub use registry::{
+    open_subscription, open_topic, query_pairs, redact_url, registry, Opener, Registry,
+};
+pub use retry::RetryPolicy;
+pub use subscription::{Subscription, SubscriptionStats};
+pub use topic::Topic;
+
+/// Re-exported so openers can name the parsed URL type.
+pub use url::Url;
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Topic>();
+    send_sync::<Subscription>();
+    send_sync::<Error>();
+    send_sync::<Registry>();
+    const fn send<T: Send>() {}
+    send::<Message>();
+};

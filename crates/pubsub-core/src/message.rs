@@ -1,0 +1,299 @@
+//! The message an application sends and receives.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::driver::{AckId, AfterSend, BeforeSend, OutgoingMessage, ReceivedMessage};
+use crate::error::{Error, Result};
+use crate::subscription::Shared;
+
+/// String attributes of a message, ordered by key.
+pub type Attributes = BTreeMap<String, String>;
+
+/// A message: a body, string attributes and an optional ordering key.
+///
+/// Build one with [`Message::new`] to send it; a received one also carries
+/// an id and must be settled with [`ack`](Message::ack) or
+/// [`nack`](Message::nack), which consume it so a message cannot be settled
+/// twice. A received message dropped without either is nacked where the
+/// backend can nack (and counted in [`crate::SubscriptionStats`]), otherwise
+/// it comes back after its ack deadline.
+pub struct Message {
+    body: Bytes,
+    attributes: Attributes,
+    ordering_key: Option<String>,
+    before_send: Option<BeforeSend>,
+    after_send: Option<AfterSend>,
+    receipt: Option<Receipt>,
+}
+
+/// What a received message needs to settle itself.
+pub(crate) struct Receipt {
+    pub(crate) id: String,
+    pub(crate) ack_id: AckId,
+    pub(crate) token: u64,
+    pub(crate) delivery_attempt: Option<u32>,
+    pub(crate) raw: Option<Box<dyn Any + Send + Sync>>,
+    pub(crate) sub: Arc<Shared>,
+}
+
+impl Message {
+    /// A message with this body and no attributes.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Message {
+            body: body.into(),
+            attributes: Attributes::new(),
+            ordering_key: None,
+            before_send: None,
+            after_send: None,
+            receipt: None,
+        }
+    }
+
+    /// Adds an attribute.
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds attributes.
+    pub fn with_attributes<K, V>(mut self, attrs: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.attributes
+            .extend(attrs.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Adds an attribute given as raw bytes, as read from a file or another
+    /// protocol. Attributes are strings on every backend, so bytes that are
+    /// not UTF-8 are refused with `InvalidArgument`.
+    pub fn try_with_attribute_bytes(mut self, key: &[u8], value: &[u8]) -> Result<Self> {
+        let key = std::str::from_utf8(key)
+            .map_err(|_| Error::invalid_argument("attribute key is not valid UTF-8"))?;
+        let value = std::str::from_utf8(value).map_err(|_| {
+            Error::invalid_argument(format!("value of attribute {key:?} is not valid UTF-8"))
+        })?;
+        self.attributes.insert(key.to_owned(), value.to_owned());
+        Ok(self)
+    }
+
+    /// Sets the ordering key: messages with one key are delivered in the
+    /// order they were sent, where the backend supports it.
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Sets a hook that sees the backend's own outgoing record (for example
+    /// AMQP `BasicProperties`) just before it is sent, and may change it.
+    /// Each driver documents the type it passes. The hook may run more than
+    /// once when a send is retried.
+    pub fn with_before_send<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&mut dyn Any) -> Result<()> + Send + Sync + 'static,
+    {
+        self.before_send = Some(Arc::new(hook));
+        self
+    }
+
+    /// Sets a hook that sees what the backend returned for this message once
+    /// it was accepted. Each driver documents the type it passes.
+    pub fn with_after_send<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&dyn Any) -> Result<()> + Send + Sync + 'static,
+    {
+        self.after_send = Some(Arc::new(hook));
+        self
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The attributes.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+
+    /// Mutable access to the attributes.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        &mut self.attributes
+    }
+
+    /// One attribute.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+
+    /// The ordering key, if any.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.ordering_key.as_deref()
+    }
+
+    /// The backend's id of a received message, fit for logs.
+    pub fn id(&self) -> Option<&str> {
+        self.receipt.as_ref().map(|r| r.id.as_str())
+    }
+
+    /// How many times a received message has been delivered, counting this
+    /// time, where the backend tells.
+    pub fn delivery_attempt(&self) -> Option<u32> {
+        self.receipt.as_ref().and_then(|r| r.delivery_attempt)
+    }
+
+    /// The backend's own message, if it is a `T`: the typed escape hatch.
+    /// Each driver documents the type it exposes.
+    pub fn as_raw<T: Any>(&self) -> Option<&T> {
+        self.receipt.as_ref()?.raw.as_deref()?.downcast_ref::<T>()
+    }
+
+    /// Takes the body, leaving an empty one.
+    pub fn take_body(&mut self) -> Bytes {
+        std::mem::take(&mut self.body)
+    }
+
+    /// Acknowledges a received message: it will not be delivered to this
+    /// subscription again. Returns at once; acks are batched, and a failure
+    /// shows in later `receive` and `shutdown` calls. Does nothing on a
+    /// message that was never received.
+    pub fn ack(mut self) {
+        if let Some(r) = self.receipt.take() {
+            r.sub.clone().settle_ack(r);
+        }
+    }
+
+    /// Hands a received message back for redelivery soon. Returns at once.
+    ///
+    /// Where the backend cannot nack, the message is left to come back after
+    /// its ack deadline; [`crate::Capabilities::nack`] tells which.
+    pub fn nack(mut self) {
+        if let Some(r) = self.receipt.take() {
+            r.sub.clone().settle_nack(r, false);
+        }
+    }
+
+    /// Pushes this message's ack deadline to `by` from now. The subscription
+    /// already does this for held messages up to its maximum extension; this
+    /// is for work known to take long.
+    pub async fn extend_lease(&self, by: Duration) -> Result<()> {
+        match &self.receipt {
+            Some(r) => r.sub.extend_one(r, by).await,
+            None => Err(Error::failed_precondition(
+                "only a received message has a lease",
+            )),
+        }
+    }
+
+    pub(crate) fn into_outgoing(self) -> OutgoingMessage {
+        let mut this = self;
+        let mut out = OutgoingMessage::new(std::mem::take(&mut this.body));
+        out.attributes = std::mem::take(&mut this.attributes);
+        out.ordering_key = this.ordering_key.take();
+        out.before_send = this.before_send.take();
+        out.after_send = this.after_send.take();
+        // A received message re-sent elsewhere still has to be settled with
+        // its own subscription; dropping `this` does that by the drop rule.
+        out
+    }
+
+    pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Shared>) -> Self {
+        Message {
+            body: m.body,
+            attributes: m.attributes,
+            ordering_key: m.ordering_key,
+            before_send: None,
+            after_send: None,
+            receipt: Some(Receipt {
+                id: m.id,
+                ack_id: m.ack_id,
+                token,
+                delivery_attempt: m.delivery_attempt,
+                raw: m.raw,
+                sub,
+            }),
+        }
+    }
+
+    /// Validates attributes the type system does not already rule out.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.attributes.contains_key("") {
+            return Err(Error::invalid_argument("attribute keys must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        crate::driver::message_size(&self.body, &self.attributes, self.ordering_key.as_deref())
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Some(r) = self.receipt.take() {
+            r.sub.clone().settle_nack(r, true);
+        }
+    }
+}
+
+impl Clone for Message {
+    /// Clones the content only: the copy is a new message to send and
+    /// carries no receipt, so a delivery is still settled exactly once.
+    fn clone(&self) -> Self {
+        Message {
+            body: self.body.clone(),
+            attributes: self.attributes.clone(),
+            ordering_key: self.ordering_key.clone(),
+            before_send: self.before_send.clone(),
+            after_send: self.after_send.clone(),
+            receipt: None,
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Message");
+        if let Some(r) = &self.receipt {
+            d.field("id", &r.id);
+        }
+        d.field("body_len", &self.body.len())
+            .field("attributes", &self.attributes);
+        if let Some(k) = &self.ordering_key {
+            d.field("ordering_key", k);
+        }
+        d.finish()
+    }
+}
+
+impl From<&'static str> for Message {
+    fn from(s: &'static str) -> Self {
+        Message::new(s)
+    }
+}
+
+impl From<String> for Message {
+    fn from(s: String) -> Self {
+        Message::new(s)
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(v: Vec<u8>) -> Self {
+        Message::new(v)
+    }
+}
+
+impl From<Bytes> for Message {
+    fn from(b: Bytes) -> Self {
+        Message::new(b)
+    }
+}

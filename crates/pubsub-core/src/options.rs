@@ -1,0 +1,167 @@
+//! User options for topics and subscriptions.
+
+use std::time::Duration;
+
+use crate::driver::BatchLimits;
+use crate::retry::RetryPolicy;
+
+/// User overrides for one batcher. Unset fields take the driver's default;
+/// sizes above the driver's limit are capped to it.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Most items in one backend call.
+    pub max_batch_size: Option<usize>,
+    /// Fewest items in one backend call; items wait for company until
+    /// shutdown flushes them.
+    pub min_batch_size: Option<usize>,
+    /// Most bytes in one backend call.
+    pub max_batch_bytes: Option<usize>,
+    /// Most backend calls in flight at once.
+    pub max_handlers: Option<usize>,
+}
+
+impl BatchOptions {
+    /// Sets the maximum batch size.
+    pub fn with_max_batch_size(mut self, n: usize) -> Self {
+        self.max_batch_size = Some(n);
+        self
+    }
+
+    /// Sets the minimum batch size.
+    pub fn with_min_batch_size(mut self, n: usize) -> Self {
+        self.min_batch_size = Some(n);
+        self
+    }
+
+    /// Sets the byte limit of a batch.
+    pub fn with_max_batch_bytes(mut self, n: usize) -> Self {
+        self.max_batch_bytes = Some(n);
+        self
+    }
+
+    /// Sets how many backend calls may be in flight.
+    pub fn with_max_handlers(mut self, n: usize) -> Self {
+        self.max_handlers = Some(n);
+        self
+    }
+
+    /// The limits in force: the user's choice within the driver's limits.
+    pub fn merge(&self, driver: BatchLimits) -> BatchLimits {
+        let max_batch_size = self
+            .max_batch_size
+            .map_or(driver.max_batch_size, |n| n.min(driver.max_batch_size))
+            .max(1);
+        let min_batch_size = self
+            .min_batch_size
+            .unwrap_or(driver.min_batch_size)
+            .clamp(1, max_batch_size);
+        let max_batch_bytes = match (self.max_batch_bytes, driver.max_batch_bytes) {
+            (Some(u), Some(d)) => Some(u.min(d)),
+            (u, d) => u.or(d),
+        };
+        BatchLimits {
+            max_batch_size,
+            min_batch_size,
+            max_batch_bytes,
+            max_handlers: self.max_handlers.unwrap_or(driver.max_handlers).max(1),
+        }
+    }
+}
+
+/// Options for a [`crate::Topic`].
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
+pub struct TopicOptions {
+    /// How sends are batched.
+    pub batching: BatchOptions,
+    /// How temporary send failures are retried.
+    pub retry: RetryPolicy,
+}
+
+impl TopicOptions {
+    /// Sets the batching options.
+    pub fn with_batching(mut self, batching: BatchOptions) -> Self {
+        self.batching = batching;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+/// Options for a [`crate::Subscription`].
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct SubscriptionOptions {
+    /// How acks, nacks and lease extensions are batched.
+    pub ack_batching: BatchOptions,
+    /// A cap on the adaptive receive batch size, below the driver's own.
+    pub max_receive_batch: Option<usize>,
+    /// How long the subscription keeps extending the lease of a message
+    /// that is held (fetched and not settled). Zero turns the lease keeper
+    /// off. Default: 60 minutes.
+    pub max_lease_extension: Duration,
+    /// How temporary receive and ack failures are retried.
+    pub retry: RetryPolicy,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            ack_batching: BatchOptions::default(),
+            max_receive_batch: None,
+            max_lease_extension: Duration::from_secs(60 * 60),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl SubscriptionOptions {
+    /// Sets the ack batching options.
+    pub fn with_ack_batching(mut self, batching: BatchOptions) -> Self {
+        self.ack_batching = batching;
+        self
+    }
+
+    /// Caps the receive batch size.
+    pub fn with_max_receive_batch(mut self, n: usize) -> Self {
+        self.max_receive_batch = Some(n);
+        self
+    }
+
+    /// Sets the longest automatic lease extension; zero turns it off.
+    pub fn with_max_lease_extension(mut self, d: Duration) -> Self {
+        self.max_lease_extension = d;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_options_stay_within_driver_limits() {
+        let driver = BatchLimits::new(10, 2).with_max_bytes(1000);
+        let merged = BatchOptions::default()
+            .with_max_batch_size(50)
+            .with_min_batch_size(20)
+            .with_max_batch_bytes(5000)
+            .merge(driver);
+        assert_eq!(merged.max_batch_size, 10);
+        assert_eq!(merged.min_batch_size, 10);
+        assert_eq!(merged.max_batch_bytes, Some(1000));
+        assert_eq!(merged.max_handlers, 2);
+        assert_eq!(BatchOptions::default().merge(driver), driver);
+    }
+}

@@ -1,0 +1,178 @@
+//! Opening topics and subscriptions by URL.
+//!
+//! Each driver crate exports its scheme and a `register` function that adds
+//! its [`Opener`] to a [`Registry`]; nothing registers itself behind the
+//! application's back. The process-wide registry, [`registry()`], starts
+//! with `mem://`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::{Subscription, Topic};
+
+/// Opens topics and subscriptions for the URL schemes it is registered for.
+#[async_trait]
+pub trait Opener: Send + Sync + 'static {
+    /// Opens a topic. Opening succeeds for a topic that does not exist;
+    /// its first send fails with `NotFound`.
+    async fn open_topic(&self, url: &Url) -> Result<Topic>;
+
+    /// Opens a subscription, likewise lazily checked.
+    async fn open_subscription(&self, url: &Url) -> Result<Subscription>;
+}
+
+/// A table from URL scheme to [`Opener`].
+#[derive(Default)]
+pub struct Registry {
+    openers: RwLock<BTreeMap<String, Arc<dyn Opener>>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("schemes", &self.schemes())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry with the in-memory driver's `mem://` registered.
+    pub fn with_defaults() -> Self {
+        let r = Self::new();
+        r.register(crate::mem::SCHEME, crate::mem::MemOpener);
+        r
+    }
+
+    /// Registers (or replaces) the opener for `scheme`.
+    pub fn register(&self, scheme: &str, opener: impl Opener) {
+        self.openers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scheme.to_ascii_lowercase(), Arc::new(opener));
+    }
+
+    /// The registered schemes, sorted.
+    pub fn schemes(&self) -> Vec<String> {
+        self.openers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn opener(&self, url: &str) -> Result<(Arc<dyn Opener>, Url)> {
+        let parsed = Url::parse(url).map_err(|e| {
+            // The parser's message never echoes the input, which may hold a
+            // password.
+            Error::invalid_argument(format!("malformed URL: {e}"))
+        })?;
+        let opener = self
+            .openers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(parsed.scheme())
+            .cloned();
+        match opener {
+            Some(o) => Ok((o, parsed)),
+            None => Err(Error::invalid_argument(format!(
+                "no driver registered for URL scheme {:?}; registered schemes: {}",
+                parsed.scheme(),
+                self.schemes().join(", ")
+            ))),
+        }
+    }
+
+    /// Opens the topic at `url`.
+    pub async fn open_topic(&self, url: &str) -> Result<Topic> {
+        let (opener, url) = self.opener(url)?;
+        opener.open_topic(&url).await
+    }
+
+    /// Opens the subscription at `url`.
+    pub async fn open_subscription(&self, url: &str) -> Result<Subscription> {
+        let (opener, url) = self.opener(url)?;
+        opener.open_subscription(&url).await
+    }
+}
+
+/// The process-wide registry, with `mem://` registered.
+pub fn registry() -> &'static Registry {
+    static GLOBAL: OnceLock<Registry> = OnceLock::new();
+    GLOBAL.get_or_init(Registry::with_defaults)
+}
+
+/// Opens the topic at `url` through the process-wide [`registry()`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> pubsub_core::Result<()> {
+/// let topic = pubsub_core::open_topic("mem://greetings").await?;
+/// let err = pubsub_core::open_topic("nope://x").await.unwrap_err();
+/// assert!(err.to_string().contains("registered schemes: mem"));
+/// # topic.shutdown().await
+/// # }
+/// ```
+pub async fn open_topic(url: &str) -> Result<Topic> {
+    registry().open_topic(url).await
+}
+
+/// Opens the subscription at `url` through the process-wide [`registry()`].
+pub async fn open_subscription(url: &str) -> Result<Subscription> {
+    registry().open_subscription(url).await
+}
+
+/// The query of `url` as decoded pairs, for openers.
+pub fn query_pairs(url: &Url) -> Vec<(String, String)> {
+    url.query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// `url` with any password replaced by `***`, fit for errors and logs.
+pub fn redact_url(url: &Url) -> String {
+    let mut u = url.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        let u = Url::parse("amqp://user:s3cret@host:5672/%2f").unwrap();
+        let r = redact_url(&u);
+        assert!(!r.contains("s3cret"));
+        assert!(r.contains("user:***@host"));
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_lists_registered_ones() {
+        let r = Registry::with_defaults();
+        let e = r.open_topic("kafka://orders").await.unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("\"kafka\""));
+        assert!(e.to_string().contains("registered schemes: mem"));
+        let e = r.open_topic("not a url").await.unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        let e = r
+            .open_topic("x://user:hunter2@host/")
+            .await
+            .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"));
+    }
+}

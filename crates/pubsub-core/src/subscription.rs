@@ -1,0 +1,775 @@
+//! The receiving side of the user API.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::Stream;
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use crate::batcher::{BatchHandler, Batcher};
+use crate::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use crate::error::{Error, Result};
+use crate::message::{Message, Receipt};
+use crate::options::SubscriptionOptions;
+use crate::retry::RetryPolicy;
+use crate::topic::with_context;
+
+/// The queue aims to hold about this much work, measured by throughput.
+const TARGET_QUEUE_DURATION: Duration = Duration::from_secs(2);
+/// Without a full batch handed out, the size is re-measured this often.
+const RESIZE_WINDOW: Duration = Duration::from_millis(100);
+/// Each whole idle period of this length shrinks the batch size once more.
+const IDLE_STEP: Duration = Duration::from_secs(1);
+
+/// A handle for receiving messages from a subscription.
+///
+/// Cheap to clone; clones share one local queue, one prefetcher and one ack
+/// batcher. `receive` may be called from many tasks at once.
+#[derive(Clone)]
+pub struct Subscription {
+    shared: Arc<Shared>,
+}
+
+/// Counters of one subscription, for monitoring.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// Messages handed to the application.
+    pub received: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Messages nacked, including dropped ones.
+    pub nacked: u64,
+    /// Messages dropped without ack or nack.
+    pub dropped_unsettled: u64,
+    /// The current adaptive receive batch size.
+    pub receive_batch_size: usize,
+}
+
+/// What acks, nacks and extensions carry: the backend's id and the token of
+/// the lease the core keeps for it.
+#[derive(Clone)]
+struct Settle {
+    id: AckId,
+    token: u64,
+}
+
+pub(crate) struct Shared {
+    driver: Arc<dyn driver::Subscription>,
+    caps: Capabilities,
+    state: Mutex<RecvState>,
+    /// Wakes receivers when messages, an error or shutdown arrive.
+    ready: Notify,
+    /// Wakes `shutdown` when the last fetch ends.
+    fetch_done: Notify,
+    waiting: AtomicUsize,
+    acks: Batcher<Settle>,
+    nacks: Batcher<Settle>,
+    leases: Arc<Leases>,
+    failure: Arc<FailureSlot>,
+    shut_down: AtomicBool,
+    stop: watch::Sender<bool>,
+    next_token: AtomicU64,
+    received: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    dropped: AtomicU64,
+    retry: RetryPolicy,
+    runtime: Handle,
+}
+
+struct RecvState {
+    queue: VecDeque<(ReceivedMessage, u64)>,
+    fetches: usize,
+    error: Option<Error>,
+    sizer: BatchSizer,
+}
+
+/// The first permanent ack or nack failure, which fails the subscription.
+#[derive(Default)]
+struct FailureSlot {
+    error: Mutex<Option<Error>>,
+    set: AtomicBool,
+}
+
+impl FailureSlot {
+    fn get(&self) -> Option<Error> {
+        if self.set.load(Ordering::Acquire) {
+            lock(&self.error).clone()
+        } else {
+            None
+        }
+    }
+}
+
+/// Adapts the receive batch size to throughput: aim at about two seconds
+/// of messages, grow at most x2 and shrink at most x0.75 a step, and decay
+/// while idle.
+#[derive(Debug)]
+struct BatchSizer {
+    size: f64,
+    max: f64,
+    handed: u64,
+    since: Instant,
+}
+
+impl BatchSizer {
+    fn new(max: usize) -> Self {
+        BatchSizer {
+            size: 1.0,
+            max: max.max(1) as f64,
+            handed: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn current(&self) -> usize {
+        self.size as usize
+    }
+
+    /// Called before each fetch; returns how many messages to ask for.
+    fn next(&mut self, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.since);
+        if (self.handed as f64) >= self.size || elapsed >= RESIZE_WINDOW {
+            let secs = elapsed.as_secs_f64().max(1e-6);
+            let desired = self.handed as f64 / secs * TARGET_QUEUE_DURATION.as_secs_f64();
+            let idle_steps = (elapsed.as_secs_f64() / IDLE_STEP.as_secs_f64()).floor().max(1.0);
+            let floor = self.size * 0.75f64.powf(idle_steps.min(64.0));
+            self.size = desired.clamp(floor, self.size * 2.0).clamp(1.0, self.max);
+            self.handed = 0;
+            self.since = now;
+        }
+        self.current()
+    }
+}
+
+/// Held messages whose leases the core keeps alive.
+struct Leases {
+    enabled: bool,
+    deadline: Duration,
+    max_extension: Duration,
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+struct Held {
+    id: AckId,
+    since: Instant,
+    expires: Instant,
+}
+
+impl Leases {
+    fn hold(&self, batch: &[(ReceivedMessage, u64)], now: Instant) {
+        if !self.enabled || batch.is_empty() {
+            return;
+        }
+        let mut held = lock(&self.held);
+        for (m, token) in batch {
+            held.insert(
+                *token,
+                Held {
+                    id: m.ack_id.clone(),
+                    since: now,
+                    expires: now + self.deadline,
+                },
+            );
+        }
+    }
+
+    fn release(&self, tokens: impl Iterator<Item = u64>) {
+        if !self.enabled {
+            return;
+        }
+        let mut held = lock(&self.held);
+        for t in tokens {
+            held.remove(&t);
+        }
+    }
+
+    /// Leases within half a deadline of running out, and still within the
+    /// maximum extension, are due; those past the maximum are let go.
+    fn due(&self, now: Instant) -> Vec<Settle> {
+        let mut held = lock(&self.held);
+        let mut due = Vec::new();
+        held.retain(|token, h| {
+            if now.saturating_duration_since(h.since) >= self.max_extension {
+                return false;
+            }
+            if h.expires.saturating_duration_since(now) <= self.deadline / 2 {
+                h.expires = now + self.deadline;
+                due.push(Settle {
+                    id: h.id.clone(),
+                    token: *token,
+                });
+            }
+            true
+        });
+        due
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data stays consistent between statements, so a panic
+    // elsewhere while holding the lock is no reason to fail every receiver.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone, Copy)]
+enum SettleKind {
+    Ack,
+    Nack,
+    Extend(Duration),
+}
+
+struct SettleHandler {
+    driver: Arc<dyn driver::Subscription>,
+    kind: SettleKind,
+    leases: Arc<Leases>,
+    failure: Arc<FailureSlot>,
+    shared: Weak<Shared>,
+}
+
+#[async_trait]
+impl BatchHandler<Settle> for SettleHandler {
+    async fn handle(&self, batch: &[Settle]) -> Result<(), BatchError> {
+        let d = &*self.driver;
+        if !matches!(self.kind, SettleKind::Extend(_)) {
+            self.leases.release(batch.iter().map(|s| s.token));
+        }
+        let ids: Vec<AckId> = batch.iter().map(|s| s.id.clone()).collect();
+        let (name, res) = match self.kind {
+            SettleKind::Ack => {
+                let span = tracing::debug_span!("send_acks", driver = d.driver_name(), resource = d.resource(), acks = ids.len());
+                ("ack", d.send_acks(&ids).instrument(span).await)
+            }
+            SettleKind::Nack => {
+                let span = tracing::debug_span!("send_nacks", driver = d.driver_name(), resource = d.resource(), nacks = ids.len());
+                ("nack", d.send_nacks(&ids).instrument(span).await)
+            }
+            SettleKind::Extend(by) => {
+                let span = tracing::debug_span!("extend_leases", driver = d.driver_name(), resource = d.resource(), leases = ids.len());
+                ("extend lease", d.extend_leases(&ids, by).instrument(span).await)
+            }
+        };
+        res.map_err(|e| with_context(e, d.driver_name(), d.resource(), name))
+    }
+
+    fn unreported_failure(&self, error: Error) {
+        if let SettleKind::Extend(_) = self.kind {
+            // The backend will redeliver; that is the only consequence.
+            tracing::warn!(%error, "lease extension failed");
+            return;
+        }
+        tracing::error!(%error, "acknowledgement failed; the subscription is now failed");
+        let mut slot = lock(&self.failure.error);
+        if slot.is_none() {
+            *slot = Some(error);
+            self.failure.set.store(true, Ordering::Release);
+        }
+        drop(slot);
+        if let Some(s) = self.shared.upgrade() {
+            s.ready.notify_waiters();
+        }
+    }
+}
+
+impl Subscription {
+    /// Wraps a driver subscription with default options. Must be called
+    /// within a Tokio runtime.
+    pub fn new(driver: impl driver::Subscription) -> Self {
+        Self::with_options(Arc::new(driver), SubscriptionOptions::default())
+    }
+
+    /// Wraps a driver subscription. Must be called within a Tokio runtime.
+    pub fn with_options(driver: Arc<dyn driver::Subscription>, options: SubscriptionOptions) -> Self {
+        let caps = driver.capabilities();
+        let limits = options.ack_batching.merge(caps.ack_batching);
+        let per_call = caps.max_receive_batch.max(1);
+        let driver_cap = per_call * caps.max_concurrent_receives.max(1);
+        let max_batch = options.max_receive_batch.map_or(driver_cap, |n| n.min(driver_cap));
+        let leases = Arc::new(Leases {
+            enabled: caps.lease_extension
+                && caps.ack_deadline.is_some()
+                && !options.max_lease_extension.is_zero(),
+            deadline: caps.ack_deadline.unwrap_or(Duration::from_secs(60)),
+            max_extension: options.max_lease_extension,
+            held: Mutex::new(HashMap::new()),
+        });
+        let failure = Arc::new(FailureSlot::default());
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
+            let handler = |kind| -> Arc<dyn BatchHandler<Settle>> {
+                Arc::new(SettleHandler {
+                    driver: driver.clone(),
+                    kind,
+                    leases: leases.clone(),
+                    failure: failure.clone(),
+                    shared: weak.clone(),
+                })
+            };
+            Shared {
+                acks: Batcher::new(limits, options.retry, handler(SettleKind::Ack)),
+                nacks: Batcher::new(limits, options.retry, handler(SettleKind::Nack)),
+                driver: driver.clone(),
+                caps: caps.clone(),
+                state: Mutex::new(RecvState {
+                    queue: VecDeque::new(),
+                    fetches: 0,
+                    error: None,
+                    sizer: BatchSizer::new(max_batch),
+                }),
+                ready: Notify::new(),
+                fetch_done: Notify::new(),
+                waiting: AtomicUsize::new(0),
+                leases: leases.clone(),
+                failure: failure.clone(),
+                shut_down: AtomicBool::new(false),
+                stop,
+                next_token: AtomicU64::new(0),
+                received: AtomicU64::new(0),
+                acked: AtomicU64::new(0),
+                nacked: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                retry: options.retry,
+                runtime: Handle::current(),
+            }
+        });
+        if leases.enabled {
+            let extender = Batcher::new(
+                limits,
+                options.retry,
+                Arc::new(SettleHandler {
+                    driver: driver.clone(),
+                    kind: SettleKind::Extend(leases.deadline),
+                    leases: leases.clone(),
+                    failure: failure.clone(),
+                    shared: Arc::downgrade(&shared),
+                }),
+            );
+            let stop = shared.stop.subscribe();
+            shared
+                .runtime
+                .spawn(keep_leases(leases, extender, stop));
+        }
+        Subscription { shared }
+    }
+
+    /// The next message, waiting until one arrives.
+    ///
+    /// Cancel-safe: dropping the future never loses a message. Fails with
+    /// `FailedPrecondition` after `shutdown`, and with the first permanent
+    /// receive or ack error, which fails the subscription for good.
+    pub async fn receive(&self) -> Result<Message> {
+        let d = &*self.shared.driver;
+        let span = tracing::debug_span!("receive", driver = d.driver_name(), resource = d.resource());
+        self.shared.receive().instrument(span).await
+    }
+
+    /// The messages as a stream, which ends when the subscription is shut
+    /// down and yields a permanent error once before ending.
+    pub fn stream(&self) -> impl Stream<Item = Result<Message>> + Send + 'static {
+        futures_util::stream::unfold(Some(self.clone()), |sub| async move {
+            let sub = sub?;
+            match sub.receive().await {
+                Ok(m) => Some((Ok(m), Some(sub))),
+                Err(_) if sub.is_shut_down() => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
+    /// Runs `handler` on every message, at most `max_concurrency` at once,
+    /// each in its own task, until the subscription is shut down (then
+    /// `Ok`, after the running handlers finish) or fails (the error).
+    ///
+    /// The handler settles each message; one it drops (or panics on) is
+    /// nacked by the drop rule.
+    pub async fn handle_concurrently<F, Fut>(&self, max_concurrency: usize, handler: F) -> Result<()>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let max = max_concurrency.max(1);
+        let handler = Arc::new(handler);
+        let mut running = tokio::task::JoinSet::new();
+        let outcome = loop {
+            while running.len() >= max {
+                reap(running.join_next().await);
+            }
+            let msg = tokio::select! {
+                r = self.receive() => r,
+                Some(done) = running.join_next(), if !running.is_empty() => { reap(Some(done)); continue; }
+            };
+            match msg {
+                Ok(m) => {
+                    let h = handler.clone();
+                    running.spawn(async move { h(m).await });
+                }
+                Err(_) if self.is_shut_down() => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        while let Some(done) = running.join_next().await {
+            reap(Some(done));
+        }
+        outcome
+    }
+
+    /// Nacks messages fetched but never handed out (where the backend can
+    /// nack), sends every pending ack and nack, and closes the driver.
+    /// Returns the first ack failure, if any. Later calls on any clone fail
+    /// with `FailedPrecondition`; so does a second `shutdown`.
+    pub async fn shutdown(&self) -> Result<()> {
+        let d = &*self.shared.driver;
+        let span = tracing::debug_span!("subscription_shutdown", driver = d.driver_name(), resource = d.resource());
+        self.shared.shutdown().instrument(span).await
+    }
+
+    /// Whether `shutdown` has been called on any clone.
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.shut_down.load(Ordering::Acquire)
+    }
+
+    /// What the backend can do.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.shared.caps
+    }
+
+    /// Counters since this subscription was opened.
+    pub fn stats(&self) -> SubscriptionStats {
+        let s = &self.shared;
+        SubscriptionStats {
+            received: s.received.load(Ordering::Relaxed),
+            acked: s.acked.load(Ordering::Relaxed),
+            nacked: s.nacked.load(Ordering::Relaxed),
+            dropped_unsettled: s.dropped.load(Ordering::Relaxed),
+            receive_batch_size: lock(&s.state).sizer.current(),
+        }
+    }
+
+    /// The backend's own client, if it is a `T`: the typed escape hatch.
+    /// Each driver documents the type it exposes.
+    pub fn as_raw<T: Any>(&self) -> Option<&T> {
+        self.shared.driver.raw()?.downcast_ref::<T>()
+    }
+
+    /// The driver under this subscription.
+    pub fn driver(&self) -> &dyn driver::Subscription {
+        &*self.shared.driver
+    }
+}
+
+fn reap(done: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(e)) = done {
+        if e.is_panic() {
+            tracing::error!("a message handler panicked; its message was nacked");
+        }
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("driver", &self.shared.driver.driver_name())
+            .field("resource", &self.shared.driver.resource())
+            .field("shut_down", &self.is_shut_down())
+            .finish()
+    }
+}
+
+/// Decrements the waiting count when a receiver stops waiting, however it
+/// stops (including being dropped).
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
+    fn error(&self, e: Error, op: &str) -> Error {
+        e.with_context_default("driver", self.driver.driver_name())
+            .with_context_default("resource", self.driver.resource())
+            .with_context_default("operation", op)
+    }
+
+    async fn receive(self: &Arc<Self>) -> Result<Message> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            {
+                let mut st = lock(&self.state);
+                if self.shut_down.load(Ordering::Acquire) {
+                    return Err(self.error(
+                        Error::failed_precondition("subscription has been shut down"),
+                        "receive",
+                    ));
+                }
+                if let Some(e) = self.failure.get() {
+                    return Err(e);
+                }
+                if let Some((m, token)) = st.queue.pop_front() {
+                    st.sizer.handed += 1;
+                    self.maybe_fetch(&mut st);
+                    drop(st);
+                    self.received.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Message::from_received(m, token, self.clone()));
+                }
+                if let Some(e) = &st.error {
+                    return Err(e.clone());
+                }
+                self.waiting.fetch_add(1, Ordering::AcqRel);
+                self.maybe_fetch(&mut st);
+                notified.as_mut().enable();
+            }
+            let _guard = WaitGuard(&self.waiting);
+            notified.await;
+        }
+    }
+
+    /// Starts fetching when the queue has fallen to half the running batch
+    /// size and nothing is in flight. Called with the state locked.
+    fn maybe_fetch(self: &Arc<Self>, st: &mut RecvState) {
+        if st.fetches > 0 || st.error.is_some() || self.shut_down.load(Ordering::Acquire) {
+            return;
+        }
+        let half = st.sizer.current() / 2;
+        if st.queue.len() > half {
+            return;
+        }
+        let want = st.sizer.next(Instant::now());
+        let per_call = self.caps.max_receive_batch.max(1);
+        let calls = want.div_ceil(per_call).clamp(1, self.caps.max_concurrent_receives.max(1));
+        let mut left = want;
+        for _ in 0..calls {
+            let n = left.min(per_call).max(1);
+            left = left.saturating_sub(n);
+            st.fetches += 1;
+            let this = self.clone();
+            self.runtime.spawn(async move { this.fetch(n).await });
+        }
+    }
+
+    async fn fetch(self: Arc<Self>, max: usize) {
+        let mut stop = self.stop.subscribe();
+        let mut attempt = 0u32;
+        loop {
+            let d = &*self.driver;
+            let span = tracing::debug_span!("receive_batch", driver = d.driver_name(), resource = d.resource(), max);
+            let got = tokio::select! {
+                r = d.receive_batch(max).instrument(span) => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            match got {
+                Ok(batch) => {
+                    let now = Instant::now();
+                    let base = self.next_token.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let batch: Vec<_> = batch.into_iter().zip(base..).collect();
+                    self.leases.hold(&batch, now);
+                    let mut st = lock(&self.state);
+                    let empty = batch.is_empty();
+                    st.queue.extend(batch);
+                    if empty
+                        && self.waiting.load(Ordering::Acquire) > 0
+                        && !self.shut_down.load(Ordering::Acquire)
+                    {
+                        // Receivers are still waiting: ask again at once.
+                        attempt = 0;
+                        continue;
+                    }
+                    st.fetches -= 1;
+                    // Receivers that found an empty queue and no fetch to
+                    // wait on would otherwise sleep forever.
+                    if st.fetches == 0 && st.queue.is_empty() && self.waiting.load(Ordering::Acquire) > 0 {
+                        self.maybe_fetch(&mut st);
+                    }
+                    drop(st);
+                    self.ready.notify_waiters();
+                    self.fetch_done.notify_waiters();
+                    return;
+                }
+                Err(e) if e.is_temporary() => {
+                    let wait = self.retry.backoff(attempt);
+                    tracing::warn!(error = %e, ?wait, "receive failed; retrying");
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+                Err(e) => {
+                    let e = self.error(e, "receive");
+                    tracing::error!(error = %e, "receive failed; the subscription is now failed");
+                    let mut st = lock(&self.state);
+                    st.error.get_or_insert(e);
+                    st.fetches -= 1;
+                    drop(st);
+                    self.ready.notify_waiters();
+                    self.fetch_done.notify_waiters();
+                    return;
+                }
+            }
+        }
+        lock(&self.state).fetches -= 1;
+        self.fetch_done.notify_waiters();
+    }
+
+    pub(crate) fn settle_ack(self: Arc<Self>, r: Receipt) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        let item = Settle {
+            id: r.ack_id,
+            token: r.token,
+        };
+        if self.acks.add_detached(item, 0).is_err() {
+            tracing::debug!("ack after shutdown ignored; the backend will redeliver");
+        }
+    }
+
+    pub(crate) fn settle_nack(self: Arc<Self>, r: Receipt, dropped: bool) {
+        self.nacked.fetch_add(1, Ordering::Relaxed);
+        if dropped && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                id = %r.id,
+                "a received message was dropped without ack or nack; it is nacked (further drops are counted in stats, not logged)"
+            );
+        }
+        if !self.caps.nack {
+            // Left to the ack deadline; stop keeping its lease alive.
+            self.leases.release(std::iter::once(r.token));
+            return;
+        }
+        let item = Settle {
+            id: r.ack_id,
+            token: r.token,
+        };
+        if self.nacks.add_detached(item, 0).is_err() {
+            tracing::debug!("nack after shutdown ignored; the backend will redeliver");
+        }
+    }
+
+    pub(crate) async fn extend_one(&self, r: &Receipt, by: Duration) -> Result<()> {
+        if !self.caps.lease_extension {
+            return Err(self.error(
+                Error::unimplemented("this backend cannot extend leases"),
+                "extend lease",
+            ));
+        }
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(self.error(
+                Error::failed_precondition("subscription has been shut down"),
+                "extend lease",
+            ));
+        }
+        let ids = [r.ack_id.clone()];
+        let mut attempt = 0;
+        loop {
+            match self.driver.extend_leases(&ids, by).await {
+                Ok(()) => break,
+                Err(err) => {
+                    let e = match err {
+                        BatchError::All(e) => e,
+                        BatchError::Items(mut v) => v.pop().map(|(_, e)| e).unwrap_or_else(|| Error::internal("empty failure")),
+                    };
+                    if e.is_temporary() && attempt < 5 {
+                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(self.error(e, "extend lease"));
+                }
+            }
+        }
+        if self.leases.enabled {
+            if let Some(h) = lock(&self.leases.held).get_mut(&r.token) {
+                h.expires = Instant::now() + by;
+            }
+        }
+        Ok(())
+    }
+
+    async fn shutdown(self: &Arc<Self>) -> Result<()> {
+        if self.shut_down.swap(true, Ordering::AcqRel) {
+            return Err(self.error(
+                Error::failed_precondition("subscription has already been shut down"),
+                "shutdown",
+            ));
+        }
+        self.stop.send_replace(true);
+        self.ready.notify_waiters();
+        loop {
+            let done = self.fetch_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if lock(&self.state).fetches == 0 {
+                break;
+            }
+            done.await;
+        }
+        let unreceived: Vec<_> = lock(&self.state).queue.drain(..).collect();
+        self.leases.release(unreceived.iter().map(|(_, t)| *t));
+        if self.caps.nack && !unreceived.is_empty() {
+            let items = unreceived.into_iter().map(|(m, token)| Settle { id: m.ack_id, token });
+            // Cannot fail: the nack batcher closes only below.
+            let _ = self.nacks.add_detached_many(items);
+        }
+        self.acks.shutdown().await;
+        self.nacks.shutdown().await;
+        let closed = self.driver.close().await.map_err(|e| self.error(e, "close"));
+        if let Some(e) = self.failure.get() {
+            return Err(e);
+        }
+        closed
+    }
+}
+
+async fn keep_leases(leases: Arc<Leases>, extender: Batcher<Settle>, mut stop: watch::Receiver<bool>) {
+    let tick = (leases.deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let due = leases.due(Instant::now());
+        if !due.is_empty() {
+            tracing::debug!(leases = due.len(), "extending leases of held messages");
+            if extender.add_detached_many(due).is_err() {
+                break;
+            }
+        }
+    }
+    extender.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_size_grows_at_most_twice_and_shrinks_at_most_by_a_quarter() {
+        let t0 = Instant::now();
+        let mut s = BatchSizer::new(10_000);
+        s.since = t0;
+        s.handed = 1000;
+        assert_eq!(s.next(t0 + Duration::from_millis(10)), 2, "x2 at most");
+        s.handed = 1000;
+        assert_eq!(s.next(t0 + Duration::from_millis(20)), 4);
+        for i in 0..20 {
+            s.handed = 100_000;
+            s.next(t0 + Duration::from_millis(30 + i));
+        }
+        assert_eq!(s.current(), 10_000, "capped by the driver");
+        s.handed = 0;
+        assert_eq!(s.next(t0 + Duration::from_millis(500)), 7500, "x0.75 at most");
+        // Ten idle seconds decay ten steps at once.
+        let n = s.next(t0 + Duration::from_millis(10_500));
+        assert_eq!(n, (7500.0 * 0.75f64.powi(10)) as usize);
+    }
+}

@@ -1,0 +1,195 @@
+//! The sending side of the user API.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tracing::Instrument;
+
+use crate::batcher::{BatchHandler, Batcher};
+use crate::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::options::TopicOptions;
+
+/// A handle for sending messages to a topic.
+///
+/// Cheap to clone; clones share one batching engine. `send` may be called
+/// from many tasks at once: messages that arrive while a batch is in flight
+/// travel together in the next one.
+#[derive(Clone)]
+pub struct Topic {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    driver: Arc<dyn driver::Topic>,
+    caps: Capabilities,
+    batcher: Batcher<OutgoingMessage>,
+    shut_down: AtomicBool,
+}
+
+struct SendHandler {
+    driver: Arc<dyn driver::Topic>,
+}
+
+#[async_trait]
+impl BatchHandler<OutgoingMessage> for SendHandler {
+    async fn handle(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        let d = &*self.driver;
+        let span = tracing::debug_span!(
+            "send_batch",
+            driver = d.driver_name(),
+            resource = d.resource(),
+            messages = batch.len()
+        );
+        d.send_batch(batch)
+            .instrument(span)
+            .await
+            .map_err(|e| with_context(e, d.driver_name(), d.resource(), "send"))
+    }
+}
+
+pub(crate) fn with_context(e: BatchError, driver: &str, resource: &str, op: &str) -> BatchError {
+    let add = |e: Error| {
+        e.with_context_default("driver", driver)
+            .with_context_default("resource", resource)
+            .with_context_default("operation", op)
+    };
+    match e {
+        BatchError::All(e) => BatchError::All(add(e)),
+        BatchError::Items(v) => BatchError::Items(v.into_iter().map(|(i, e)| (i, add(e))).collect()),
+    }
+}
+
+impl Topic {
+    /// Wraps a driver topic with default options. Must be called within a
+    /// Tokio runtime.
+    pub fn new(driver: impl driver::Topic) -> Self {
+        Self::with_options(Arc::new(driver), TopicOptions::default())
+    }
+
+    /// Wraps a driver topic. Must be called within a Tokio runtime.
+    pub fn with_options(driver: Arc<dyn driver::Topic>, options: TopicOptions) -> Self {
+        let caps = driver.capabilities();
+        let limits = options.batching.merge(caps.send_batching);
+        let batcher = Batcher::new(
+            limits,
+            options.retry,
+            Arc::new(SendHandler {
+                driver: driver.clone(),
+            }),
+        );
+        Topic {
+            inner: Arc::new(Inner {
+                driver,
+                caps,
+                batcher,
+                shut_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends a message and returns once the backend has accepted the batch
+    /// holding it, or failed.
+    ///
+    /// Invalid messages (an empty attribute key, a body over the backend's
+    /// size limit) fail with `InvalidArgument` before any I/O. Dropping the
+    /// returned future before its batch is handed to the driver withdraws
+    /// the message; after that it may still be delivered.
+    pub async fn send(&self, message: Message) -> Result<()> {
+        let span = tracing::debug_span!(
+            "send",
+            driver = self.inner.driver.driver_name(),
+            resource = self.inner.driver.resource()
+        );
+        self.send_inner(message).instrument(span).await
+    }
+
+    async fn send_inner(&self, message: Message) -> Result<()> {
+        let inner = &*self.inner;
+        if inner.shut_down.load(Ordering::Acquire) {
+            return Err(self.error(Error::failed_precondition("topic has been shut down")));
+        }
+        message.validate().map_err(|e| self.error(e))?;
+        let size = message.size();
+        if let Some(max) = inner.caps.max_message_bytes {
+            if size > max {
+                return Err(self.error(Error::invalid_argument(format!(
+                    "message of {size} bytes exceeds the backend's limit of {max} bytes"
+                ))));
+            }
+        }
+        let reply = inner
+            .batcher
+            .add(message.into_outgoing(), size)
+            .map_err(|_| self.error(Error::failed_precondition("topic has been shut down")))?;
+        match reply.await {
+            Ok(result) => result,
+            Err(_) => Err(self.error(Error::internal(
+                "the send was abandoned: the runtime is shutting down",
+            ))),
+        }
+    }
+
+    fn error(&self, e: Error) -> Error {
+        e.with_context_default("driver", self.inner.driver.driver_name())
+            .with_context_default("resource", self.inner.driver.resource())
+            .with_context_default("operation", "send")
+    }
+
+    /// Sends every queued message, waits for them, and closes the driver.
+    /// Later calls on any clone fail with `FailedPrecondition`; so does a
+    /// second `shutdown`.
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.shut_down.swap(true, Ordering::AcqRel) {
+            return Err(self.error(Error::failed_precondition(
+                "topic has already been shut down",
+            )));
+        }
+        let span = tracing::debug_span!(
+            "topic_shutdown",
+            driver = self.inner.driver.driver_name(),
+            resource = self.inner.driver.resource()
+        );
+        async {
+            self.inner.batcher.shutdown().await;
+            self.inner.driver.close().await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Whether `shutdown` has been called on any clone.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shut_down.load(Ordering::Acquire) || self.inner.batcher.is_closed()
+    }
+
+    /// What the backend can do.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// The backend's own client, if it is a `T`: the typed escape hatch.
+    /// Each driver documents the type it exposes.
+    pub fn as_raw<T: Any>(&self) -> Option<&T> {
+        self.inner.driver.raw()?.downcast_ref::<T>()
+    }
+
+    /// The driver under this topic.
+    pub fn driver(&self) -> &dyn driver::Topic {
+        &*self.inner.driver
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topic")
+            .field("driver", &self.inner.driver.driver_name())
+            .field("resource", &self.inner.driver.resource())
+            .field("shut_down", &self.is_shut_down())
+            .finish()
+    }
+}
