@@ -154,7 +154,9 @@ impl<T: Send + 'static> Batcher<T> {
         while st.active < self.inner.limits.max_handlers && self.inner.ready(st) {
             st.active += 1;
             let inner = self.inner.clone();
-            self.inner.runtime.spawn(async move { inner.handler_loop().await });
+            self.inner
+                .runtime
+                .spawn(async move { inner.handler_loop().await });
         }
     }
 
@@ -207,8 +209,7 @@ impl<T: Send + 'static> Inner<T> {
     }
 
     fn ready(&self, st: &State<T>) -> bool {
-        !st.pending.is_empty()
-            && (st.flushing || st.pending.len() >= self.limits.min_batch_size)
+        !st.pending.is_empty() && (st.flushing || st.pending.len() >= self.limits.min_batch_size)
     }
 
     fn take_batch(&self, st: &mut State<T>) -> Vec<Entry<T>> {
@@ -426,7 +427,10 @@ mod tests {
             r.await.unwrap().unwrap();
         }
         let batches = rec.batches.lock().unwrap().clone();
-        assert!(batches.iter().all(|x| x.len() <= 2), "10 bytes hold two items of 4: {batches:?}");
+        assert!(
+            batches.iter().all(|x| x.len() <= 2),
+            "10 bytes hold two items of 4: {batches:?}"
+        );
         assert_eq!(batches.concat(), (1..=7).collect::<Vec<_>>());
     }
 

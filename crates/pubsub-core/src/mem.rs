@@ -39,8 +39,8 @@
 //! # }
 //! ```
 
-use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -240,7 +240,12 @@ impl Broker {
     /// Creates a subscription to `topic`, which gets every message sent to
     /// the topic from now on. `AlreadyExists` if the name is taken,
     /// `NotFound` if the topic does not exist.
-    pub fn create_subscription(&self, name: &str, topic: &str, ack_deadline: Duration) -> Result<()> {
+    pub fn create_subscription(
+        &self,
+        name: &str,
+        topic: &str,
+        ack_deadline: Duration,
+    ) -> Result<()> {
         let t = lock(&self.inner.topics)
             .get(topic)
             .cloned()
@@ -328,7 +333,11 @@ impl Broker {
     }
 
     /// Opens a subscription. Must be called within a Tokio runtime.
-    pub fn subscription_with_options(&self, name: &str, options: SubscriptionOptions) -> Subscription {
+    pub fn subscription_with_options(
+        &self,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Subscription {
         Subscription::with_options(Arc::new(self.subscription_driver(name)), options)
     }
 
@@ -407,7 +416,9 @@ impl TopicDriver {
 
 impl fmt::Debug for TopicDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("mem::TopicDriver").field("name", &self.name).finish()
+        f.debug_struct("mem::TopicDriver")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -498,10 +509,15 @@ impl SubscriptionDriver {
     }
 
     fn ack_deadline(&self) -> Duration {
-        self.state().map_or(DEFAULT_ACK_DEADLINE, |s| s.ack_deadline)
+        self.state()
+            .map_or(DEFAULT_ACK_DEADLINE, |s| s.ack_deadline)
     }
 
-    fn settle(&self, ids: &[AckId], mut f: impl FnMut(&mut SubQueue, u64)) -> Result<(), BatchError> {
+    fn settle(
+        &self,
+        ids: &[AckId],
+        mut f: impl FnMut(&mut SubQueue, u64),
+    ) -> Result<(), BatchError> {
         let s = self.state()?;
         let mut q = lock(&s.q);
         for id in ids {
@@ -596,8 +612,9 @@ impl driver::Subscription for SubscriptionDriver {
                     return Ok(Vec::new());
                 }
                 let poll_left = POLL - waited;
-                q.next_deadline()
-                    .map_or(poll_left, |d| d.saturating_duration_since(now).min(poll_left))
+                q.next_deadline().map_or(poll_left, |d| {
+                    d.saturating_duration_since(now).min(poll_left)
+                })
             };
             let _ = tokio::time::timeout(wait, notified).await;
         }

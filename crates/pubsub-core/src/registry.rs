@@ -169,10 +169,7 @@ mod tests {
         assert!(e.to_string().contains("registered schemes: mem"));
         let e = r.open_topic("not a url").await.unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
-        let e = r
-            .open_topic("x://user:hunter2@host/")
-            .await
-            .unwrap_err();
+        let e = r.open_topic("x://user:hunter2@host/").await.unwrap_err();
         assert!(!e.to_string().contains("hunter2"));
     }
 }

@@ -141,7 +141,9 @@ impl BatchSizer {
         if (self.handed as f64) >= self.size || elapsed >= RESIZE_WINDOW {
             let secs = elapsed.as_secs_f64().max(1e-6);
             let desired = self.handed as f64 / secs * TARGET_QUEUE_DURATION.as_secs_f64();
-            let idle_steps = (elapsed.as_secs_f64() / IDLE_STEP.as_secs_f64()).floor().max(1.0);
+            let idle_steps = (elapsed.as_secs_f64() / IDLE_STEP.as_secs_f64())
+                .floor()
+                .max(1.0);
             let floor = self.size * 0.75f64.powf(idle_steps.min(64.0));
             self.size = desired.clamp(floor, self.size * 2.0).clamp(1.0, self.max);
             self.handed = 0;
@@ -246,16 +248,34 @@ impl BatchHandler<Settle> for SettleHandler {
         let ids: Vec<AckId> = batch.iter().map(|s| s.id.clone()).collect();
         let (name, res) = match self.kind {
             SettleKind::Ack => {
-                let span = tracing::debug_span!("send_acks", driver = d.driver_name(), resource = d.resource(), acks = ids.len());
+                let span = tracing::debug_span!(
+                    "send_acks",
+                    driver = d.driver_name(),
+                    resource = d.resource(),
+                    acks = ids.len()
+                );
                 ("ack", d.send_acks(&ids).instrument(span).await)
             }
             SettleKind::Nack => {
-                let span = tracing::debug_span!("send_nacks", driver = d.driver_name(), resource = d.resource(), nacks = ids.len());
+                let span = tracing::debug_span!(
+                    "send_nacks",
+                    driver = d.driver_name(),
+                    resource = d.resource(),
+                    nacks = ids.len()
+                );
                 ("nack", d.send_nacks(&ids).instrument(span).await)
             }
             SettleKind::Extend(by) => {
-                let span = tracing::debug_span!("extend_leases", driver = d.driver_name(), resource = d.resource(), leases = ids.len());
-                ("extend lease", d.extend_leases(&ids, by).instrument(span).await)
+                let span = tracing::debug_span!(
+                    "extend_leases",
+                    driver = d.driver_name(),
+                    resource = d.resource(),
+                    leases = ids.len()
+                );
+                (
+                    "extend lease",
+                    d.extend_leases(&ids, by).instrument(span).await,
+                )
             }
         };
         res.map_err(|e| with_context(e, d.driver_name(), d.resource(), name))
@@ -288,12 +308,17 @@ impl Subscription {
     }
 
     /// Wraps a driver subscription. Must be called within a Tokio runtime.
-    pub fn with_options(driver: Arc<dyn driver::Subscription>, options: SubscriptionOptions) -> Self {
+    pub fn with_options(
+        driver: Arc<dyn driver::Subscription>,
+        options: SubscriptionOptions,
+    ) -> Self {
         let caps = driver.capabilities();
         let limits = options.ack_batching.merge(caps.ack_batching);
         let per_call = caps.max_receive_batch.max(1);
         let driver_cap = per_call * caps.max_concurrent_receives.max(1);
-        let max_batch = options.max_receive_batch.map_or(driver_cap, |n| n.min(driver_cap));
+        let max_batch = options
+            .max_receive_batch
+            .map_or(driver_cap, |n| n.min(driver_cap));
         let leases = Arc::new(Leases {
             enabled: caps.lease_extension
                 && caps.ack_deadline.is_some()
@@ -354,9 +379,7 @@ impl Subscription {
                 }),
             );
             let stop = shared.stop.subscribe();
-            shared
-                .runtime
-                .spawn(keep_leases(leases, extender, stop));
+            shared.runtime.spawn(keep_leases(leases, extender, stop));
         }
         Subscription { shared }
     }
@@ -368,7 +391,8 @@ impl Subscription {
     /// receive or ack error, which fails the subscription for good.
     pub async fn receive(&self) -> Result<Message> {
         let d = &*self.shared.driver;
-        let span = tracing::debug_span!("receive", driver = d.driver_name(), resource = d.resource());
+        let span =
+            tracing::debug_span!("receive", driver = d.driver_name(), resource = d.resource());
         self.shared.receive().instrument(span).await
     }
 
@@ -391,7 +415,11 @@ impl Subscription {
     ///
     /// The handler settles each message; one it drops (or panics on) is
     /// nacked by the drop rule.
-    pub async fn handle_concurrently<F, Fut>(&self, max_concurrency: usize, handler: F) -> Result<()>
+    pub async fn handle_concurrently<F, Fut>(
+        &self,
+        max_concurrency: usize,
+        handler: F,
+    ) -> Result<()>
     where
         F: Fn(Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -428,7 +456,11 @@ impl Subscription {
     /// with `FailedPrecondition`; so does a second `shutdown`.
     pub async fn shutdown(&self) -> Result<()> {
         let d = &*self.shared.driver;
-        let span = tracing::debug_span!("subscription_shutdown", driver = d.driver_name(), resource = d.resource());
+        let span = tracing::debug_span!(
+            "subscription_shutdown",
+            driver = d.driver_name(),
+            resource = d.resource()
+        );
         self.shared.shutdown().instrument(span).await
     }
 
@@ -547,7 +579,9 @@ impl Shared {
         }
         let want = st.sizer.next(Instant::now());
         let per_call = self.caps.max_receive_batch.max(1);
-        let calls = want.div_ceil(per_call).clamp(1, self.caps.max_concurrent_receives.max(1));
+        let calls = want
+            .div_ceil(per_call)
+            .clamp(1, self.caps.max_concurrent_receives.max(1));
         let mut left = want;
         for _ in 0..calls {
             let n = left.min(per_call).max(1);
@@ -563,7 +597,12 @@ impl Shared {
         let mut attempt = 0u32;
         loop {
             let d = &*self.driver;
-            let span = tracing::debug_span!("receive_batch", driver = d.driver_name(), resource = d.resource(), max);
+            let span = tracing::debug_span!(
+                "receive_batch",
+                driver = d.driver_name(),
+                resource = d.resource(),
+                max
+            );
             let got = tokio::select! {
                 r = d.receive_batch(max).instrument(span) => r,
                 _ = stop.wait_for(|s| *s) => break,
@@ -571,7 +610,9 @@ impl Shared {
             match got {
                 Ok(batch) => {
                     let now = Instant::now();
-                    let base = self.next_token.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let base = self
+                        .next_token
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     let batch: Vec<_> = batch.into_iter().zip(base..).collect();
                     self.leases.hold(&batch, now);
                     let mut st = lock(&self.state);
@@ -588,7 +629,10 @@ impl Shared {
                     st.fetches -= 1;
                     // Receivers that found an empty queue and no fetch to
                     // wait on would otherwise sleep forever.
-                    if st.fetches == 0 && st.queue.is_empty() && self.waiting.load(Ordering::Acquire) > 0 {
+                    if st.fetches == 0
+                        && st.queue.is_empty()
+                        && self.waiting.load(Ordering::Acquire) > 0
+                    {
                         self.maybe_fetch(&mut st);
                     }
                     drop(st);
@@ -676,7 +720,10 @@ impl Shared {
                 Err(err) => {
                     let e = match err {
                         BatchError::All(e) => e,
-                        BatchError::Items(mut v) => v.pop().map(|(_, e)| e).unwrap_or_else(|| Error::internal("empty failure")),
+                        BatchError::Items(mut v) => v
+                            .pop()
+                            .map(|(_, e)| e)
+                            .unwrap_or_else(|| Error::internal("empty failure")),
                     };
                     if e.is_temporary() && attempt < 5 {
                         tokio::time::sleep(self.retry.backoff(attempt)).await;
@@ -716,13 +763,20 @@ impl Shared {
         let unreceived: Vec<_> = lock(&self.state).queue.drain(..).collect();
         self.leases.release(unreceived.iter().map(|(_, t)| *t));
         if self.caps.nack && !unreceived.is_empty() {
-            let items = unreceived.into_iter().map(|(m, token)| Settle { id: m.ack_id, token });
+            let items = unreceived.into_iter().map(|(m, token)| Settle {
+                id: m.ack_id,
+                token,
+            });
             // Cannot fail: the nack batcher closes only below.
             let _ = self.nacks.add_detached_many(items);
         }
         self.acks.shutdown().await;
         self.nacks.shutdown().await;
-        let closed = self.driver.close().await.map_err(|e| self.error(e, "close"));
+        let closed = self
+            .driver
+            .close()
+            .await
+            .map_err(|e| self.error(e, "close"));
         if let Some(e) = self.failure.get() {
             return Err(e);
         }
@@ -730,7 +784,11 @@ impl Shared {
     }
 }
 
-async fn keep_leases(leases: Arc<Leases>, extender: Batcher<Settle>, mut stop: watch::Receiver<bool>) {
+async fn keep_leases(
+    leases: Arc<Leases>,
+    extender: Batcher<Settle>,
+    mut stop: watch::Receiver<bool>,
+) {
     let tick = (leases.deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -767,7 +825,11 @@ mod tests {
         }
         assert_eq!(s.current(), 10_000, "capped by the driver");
         s.handed = 0;
-        assert_eq!(s.next(t0 + Duration::from_millis(500)), 7500, "x0.75 at most");
+        assert_eq!(
+            s.next(t0 + Duration::from_millis(500)),
+            7500,
+            "x0.75 at most"
+        );
         // Ten idle seconds decay ten steps at once.
         let n = s.next(t0 + Duration::from_millis(10_500));
         assert_eq!(n, (7500.0 * 0.75f64.powi(10)) as usize);

@@ -60,7 +60,9 @@ pub(crate) fn with_context(e: BatchError, driver: &str, resource: &str, op: &str
     };
     match e {
         BatchError::All(e) => BatchError::All(add(e)),
-        BatchError::Items(v) => BatchError::Items(v.into_iter().map(|(i, e)| (i, add(e))).collect()),
+        BatchError::Items(v) => {
+            BatchError::Items(v.into_iter().map(|(i, e)| (i, add(e))).collect())
+        }
     }
 }
 

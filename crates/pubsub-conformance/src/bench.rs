@@ -1,0 +1,250 @@
+//! The benchmark harness: end-to-end throughput and latency of any driver,
+//! and the plain-channel baseline to compare against.
+//!
+//! Benchmarks run as `harness = false` bench targets in release builds
+//! (`cargo bench`), never as timed tests.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pubsub_core::{Message, Subscription, Topic};
+
+/// What one run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Messages delivered end to end.
+    pub messages: u64,
+    /// Wall time from the first send to the last receive.
+    pub elapsed: Duration,
+    /// Send-to-receive latencies, sorted; a sample when runs are large.
+    pub latencies: Vec<Duration>,
+}
+
+impl Report {
+    /// Messages per second.
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The latency at quantile `q` (0.5 for the median).
+    pub fn latency(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
+        self.latencies[i]
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>10.0} msg/s  p50 {:>8.1?}  p99 {:>8.1?}",
+            self.rate(),
+            self.latency(0.5),
+            self.latency(0.99)
+        )
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// A body of `size` bytes (at least 8) that carries its send time, so the
+/// receiver can measure latency without attributes.
+pub fn stamped_body(size: usize) -> Bytes {
+    let mut v = vec![b'x'; size.max(8)];
+    let nanos = epoch().elapsed().as_nanos() as u64;
+    v[..8].copy_from_slice(&nanos.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// The send-to-now latency of a [`stamped_body`].
+pub fn latency_of(body: &[u8]) -> Option<Duration> {
+    let stamp = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    let now = epoch().elapsed().as_nanos() as u64;
+    Some(Duration::from_nanos(now.saturating_sub(stamp)))
+}
+
+/// Keeps every `stride`-th latency so huge runs stay cheap to measure.
+#[derive(Debug)]
+struct Samples {
+    stride: u64,
+    count: AtomicU64,
+    kept: std::sync::Mutex<Vec<Duration>>,
+}
+
+impl Samples {
+    fn new(expected: u64) -> Self {
+        Samples {
+            stride: (expected / 100_000).max(1),
+            count: AtomicU64::new(0),
+            kept: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn record(&self, body: &[u8]) -> u64 {
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % self.stride == 0 {
+            if let Some(l) = latency_of(body) {
+                self.kept.lock().unwrap().push(l);
+            }
+        }
+        n
+    }
+
+    fn into_sorted(self) -> Vec<Duration> {
+        let mut v = self.kept.into_inner().unwrap();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Sends `per_topic` messages of `size` bytes through each topic with
+/// `senders` tasks per topic, and receives and acks them with `receivers`
+/// tasks per subscription. Returns once every message was received.
+pub async fn end_to_end(
+    pairs: &[(Topic, Subscription)],
+    senders: usize,
+    receivers: usize,
+    per_topic: u64,
+    size: usize,
+) -> Report {
+    let total = per_topic * pairs.len() as u64;
+    let samples = Arc::new(Samples::new(total));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (topic, sub) in pairs {
+        let received = Arc::new(AtomicU64::new(0));
+        let senders = senders.max(1) as u64;
+        for s in 0..senders {
+            let t = topic.clone();
+            let n = per_topic / senders + u64::from(s < per_topic % senders);
+            tasks.spawn(async move {
+                for _ in 0..n {
+                    t.send(Message::new(stamped_body(size)))
+                        .await
+                        .expect("send");
+                }
+            });
+        }
+        for _ in 0..receivers.max(1) {
+            let sub = sub.clone();
+            let samples = samples.clone();
+            let received = received.clone();
+            tasks.spawn(async move {
+                while received.load(Ordering::Acquire) < per_topic {
+                    let r = tokio::time::timeout(Duration::from_millis(200), sub.receive()).await;
+                    let Ok(r) = r else { continue };
+                    let m = r.expect("receive");
+                    samples.record(m.body());
+                    received.fetch_add(1, Ordering::AcqRel);
+                    m.ack();
+                }
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("benchmark task");
+    }
+    let elapsed = started.elapsed();
+    Report {
+        messages: total,
+        elapsed,
+        latencies: Arc::try_unwrap(samples).expect("tasks done").into_sorted(),
+    }
+}
+
+/// The in-process limit: the same shape as [`end_to_end`] over plain
+/// bounded `tokio::sync::mpsc` channels (one a topic, receivers sharing it),
+/// with no batching, acks or redelivery.
+pub async fn mpsc_baseline(
+    topics: usize,
+    senders: usize,
+    receivers: usize,
+    per_topic: u64,
+    size: usize,
+) -> Report {
+    let total = per_topic * topics as u64;
+    let samples = Arc::new(Samples::new(total));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..topics {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let received = Arc::new(AtomicU64::new(0));
+        let senders = senders.max(1) as u64;
+        for s in 0..senders {
+            let tx = tx.clone();
+            let n = per_topic / senders + u64::from(s < per_topic % senders);
+            tasks.spawn(async move {
+                for _ in 0..n {
+                    tx.send(stamped_body(size)).await.expect("send");
+                }
+            });
+        }
+        drop(tx);
+        for _ in 0..receivers.max(1) {
+            let rx = rx.clone();
+            let samples = samples.clone();
+            let received = received.clone();
+            tasks.spawn(async move {
+                let mut buf = Vec::with_capacity(64);
+                loop {
+                    let n = rx.lock().await.recv_many(&mut buf, 64).await;
+                    if n == 0 {
+                        return;
+                    }
+                    for b in buf.drain(..) {
+                        samples.record(&b);
+                    }
+                    received.fetch_add(n as u64, Ordering::AcqRel);
+                }
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("baseline task");
+    }
+    Report {
+        messages: total,
+        elapsed: started.elapsed(),
+        latencies: Arc::try_unwrap(samples).expect("tasks done").into_sorted(),
+    }
+}
+
+/// The latency of a lone send, receive and ack, one message at a time.
+pub async fn round_trips(topic: &Topic, sub: &Subscription, n: usize, size: usize) -> Report {
+    let mut latencies = Vec::with_capacity(n);
+    let started = Instant::now();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        topic
+            .send(Message::new(stamped_body(size)))
+            .await
+            .expect("send");
+        let m = sub.receive().await.expect("receive");
+        m.ack();
+        latencies.push(t0.elapsed());
+    }
+    latencies.sort_unstable();
+    Report {
+        messages: n as u64,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+/// This process's resident set size in bytes, where `/proc` tells.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,847 @@
+//! The conformance cases, each a plain async function over a [`Harness`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pubsub_core::driver::{self, AckId, BatchError, OutgoingMessage};
+use pubsub_core::{
+    BatchOptions, ErrorKind, Message, Subscription, SubscriptionOptions, Topic, TopicOptions,
+};
+
+use crate::Harness;
+
+/// How long one case may run before it counts as hung.
+pub const CASE_TIME_LIMIT: Duration = Duration::from_secs(120);
+
+/// The ack deadline of subscriptions in cases that do not test deadlines:
+/// long enough that nothing is redelivered by accident.
+const LONG_DEADLINE: Duration = Duration::from_secs(60);
+/// The ack deadline of subscriptions in cases that wait for redelivery.
+const SHORT_DEADLINE: Duration = Duration::from_secs(2);
+/// How long to wait for a message that should arrive.
+const ARRIVAL: Duration = Duration::from_secs(30);
+
+/// A unique resource name for one case.
+pub fn unique(case: &str) -> String {
+    format!("conf-{case}-{:08x}", fastrand::u32(..))
+}
+
+/// A topic and a subscription to it, freshly created on the backend.
+#[derive(Debug)]
+pub struct Fixture {
+    /// The topic's name.
+    pub topic_name: String,
+    /// The subscription's name.
+    pub sub_name: String,
+    /// The topic, with the options the case asked for.
+    pub topic: Topic,
+    /// The subscription, with the options the case asked for.
+    pub sub: Subscription,
+}
+
+/// Creates a topic and one subscription and opens both.
+pub async fn fixture<H: Harness>(
+    h: &H,
+    case: &str,
+    ack_deadline: Duration,
+    topic_opts: TopicOptions,
+    sub_opts: SubscriptionOptions,
+) -> Fixture {
+    let topic_name = unique(case);
+    let sub_name = format!("{topic_name}-sub");
+    h.create_topic(&topic_name).await.expect("create topic");
+    h.create_subscription(&topic_name, &sub_name, ack_deadline)
+        .await
+        .expect("create subscription");
+    let topic = Topic::with_options(
+        h.open_topic(&topic_name).await.expect("open topic"),
+        topic_opts,
+    );
+    let sub = Subscription::with_options(
+        h.open_subscription(&sub_name)
+            .await
+            .expect("open subscription"),
+        sub_opts,
+    );
+    Fixture {
+        topic_name,
+        sub_name,
+        topic,
+        sub,
+    }
+}
+
+async fn simple<H: Harness>(h: &H, case: &str) -> Fixture {
+    fixture(
+        h,
+        case,
+        LONG_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default(),
+    )
+    .await
+}
+
+/// Receives one message or panics after `within`.
+pub async fn recv(sub: &Subscription, within: Duration) -> Message {
+    match tokio::time::timeout(within, sub.receive()).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => panic!("receive failed: {e}"),
+        Err(_) => panic!("no message arrived within {within:?}"),
+    }
+}
+
+/// Asserts no message arrives within `within`; nacks nothing.
+async fn expect_nothing(sub: &Subscription, within: Duration) {
+    if let Ok(r) = tokio::time::timeout(within, sub.receive()).await {
+        match r {
+            Ok(m) => panic!("unexpected message {m:?} body {:?}", m.body()),
+            Err(e) => panic!("receive failed: {e}"),
+        }
+    }
+}
+
+async fn finish(f: Fixture) {
+    f.topic.shutdown().await.expect("topic shutdown");
+    f.sub.shutdown().await.expect("subscription shutdown");
+}
+
+async fn round_trip(h: &impl Harness, case: &str, msg: Message) -> Message {
+    let f = simple(h, case).await;
+    f.topic.send(msg).await.expect("send");
+    let got = recv(&f.sub, ARRIVAL).await;
+    let copy = got.clone();
+    got.ack();
+    finish(f).await;
+    copy
+}
+
+/// A message sent is received with the same body and attributes.
+pub async fn send_receive(h: &impl Harness) {
+    let f = simple(h, "send-receive").await;
+    let mut want = HashSet::new();
+    for i in 0..20 {
+        let body = format!("message {i} {}", fastrand::u64(..));
+        want.insert(body.clone());
+        f.topic
+            .send(Message::new(body).with_attribute("index", i.to_string()))
+            .await
+            .expect("send");
+    }
+    while !want.is_empty() {
+        let m = recv(&f.sub, ARRIVAL).await;
+        let body = String::from_utf8(m.body().to_vec()).expect("utf-8 body");
+        assert!(want.remove(&body), "unexpected or duplicate body {body:?}");
+        assert!(body.starts_with(&format!("message {} ", m.attribute("index").unwrap())));
+        assert!(
+            m.id().is_some_and(|id| !id.is_empty()),
+            "received messages have an id"
+        );
+        m.ack();
+    }
+    finish(f).await;
+}
+
+/// A JSON body arrives byte for byte.
+pub async fn json_body_unchanged(h: &impl Harness) {
+    let body =
+        r#"{"id":42,"name":"Zoë \"the\" tester","tags":["a","b"],"nested":{"x":null,"y":1.5e10}}"#;
+    let got = round_trip(h, "json", Message::new(body)).await;
+    assert_eq!(got.body().as_ref(), body.as_bytes());
+}
+
+/// A body that is not UTF-8 arrives byte for byte.
+pub async fn non_utf8_body_byte_for_byte(h: &impl Harness) {
+    let body: Vec<u8> = (0..=255u8)
+        .rev()
+        .chain([0xff, 0xfe, 0x00, 0xc3, 0x28])
+        .collect();
+    let got = round_trip(h, "binary", Message::new(body.clone())).await;
+    assert_eq!(got.body().as_ref(), &body[..]);
+}
+
+/// An empty body with attributes arrives as such.
+pub async fn empty_body_with_attributes(h: &impl Harness) {
+    let got = round_trip(
+        h,
+        "empty-body",
+        Message::new(Vec::new()).with_attribute("only", "attributes"),
+    )
+    .await;
+    assert!(got.body().is_empty());
+    assert_eq!(got.attribute("only"), Some("attributes"));
+}
+
+/// Attributes with awkward keys and values round-trip unchanged.
+pub async fn awkward_attributes_round_trip(h: &impl Harness) {
+    let printable: String = (0x20u8..0x7f).map(char::from).collect();
+    let mut attrs = BTreeMap::new();
+    for (k, v) in [
+        ("a/b/c", "slash/value"),
+        ("dotted.key.name", "v.1.2"),
+        ("quote\"s'", "\"quoted\" 'value'"),
+        ("with space", "value with spaces"),
+        ("1leading-digit", "0"),
+        ("ünïcödé-ключ", "値🎉"),
+        ("colon:and=equals", "a=b;c:d"),
+        ("__double_underscore__", "x"),
+        ("UPPER_lower", "MiXeD"),
+        ("empty-value", ""),
+    ] {
+        attrs.insert(k.to_owned(), v.to_owned());
+    }
+    attrs.insert("printable".to_owned(), printable.clone());
+    attrs.insert(
+        printable.replace(' ', "_"),
+        "key of every printable".to_owned(),
+    );
+    let got = round_trip(
+        h,
+        "attributes",
+        Message::new("attrs").with_attributes(attrs.clone()),
+    )
+    .await;
+    for (k, v) in &attrs {
+        assert_eq!(got.attribute(k), Some(v.as_str()), "attribute {k:?}");
+    }
+}
+
+/// Attributes that cannot be carried are refused before any I/O.
+pub async fn invalid_attributes_rejected(h: &impl Harness) {
+    let f = simple(h, "invalid-attributes").await;
+    let e = Message::new("x")
+        .try_with_attribute_bytes(b"\xff\xfekey", b"v")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    let e = Message::new("x")
+        .try_with_attribute_bytes(b"key", b"\xc3\x28")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    let e = f
+        .topic
+        .send(Message::new("x").with_attribute("", "empty key"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    // Nothing was sent by the refused calls.
+    f.topic.send(Message::new("valid")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    assert_eq!(m.body().as_ref(), b"valid");
+    m.ack();
+    expect_nothing(&f.sub, Duration::from_millis(300)).await;
+    finish(f).await;
+}
+
+/// Wraps a real driver topic to record the size of each batch it is given.
+#[derive(Debug)]
+struct RecordingTopic {
+    inner: Arc<dyn driver::Topic>,
+    sizes: Mutex<Vec<usize>>,
+}
+
+#[async_trait]
+impl driver::Topic for RecordingTopic {
+    fn driver_name(&self) -> &'static str {
+        self.inner.driver_name()
+    }
+    fn resource(&self) -> &str {
+        self.inner.resource()
+    }
+    fn capabilities(&self) -> pubsub_core::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        self.sizes.lock().unwrap().push(batch.len());
+        self.inner.send_batch(batch).await
+    }
+    async fn close(&self) -> pubsub_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Sends form batches within the minimum and maximum size, and shutdown
+/// flushes a final short batch.
+pub async fn batching_respects_min_and_max(h: &impl Harness) {
+    let topic_name = unique("batching");
+    let sub_name = format!("{topic_name}-sub");
+    h.create_topic(&topic_name).await.expect("create topic");
+    h.create_subscription(&topic_name, &sub_name, LONG_DEADLINE)
+        .await
+        .expect("create subscription");
+    let rec = Arc::new(RecordingTopic {
+        inner: h.open_topic(&topic_name).await.expect("open topic"),
+        sizes: Mutex::new(Vec::new()),
+    });
+    let caps = h.capabilities();
+    let (min, max) = (2usize, 3usize.min(caps.send_batching.max_batch_size).max(2));
+    let topic = Topic::with_options(
+        rec.clone(),
+        TopicOptions::default().with_batching(
+            BatchOptions::default()
+                .with_min_batch_size(min)
+                .with_max_batch_size(max)
+                .with_max_handlers(1),
+        ),
+    );
+    let sub = open_sub(h.open_subscription(&sub_name).await.expect("open sub"));
+    let n = 3 * max + 1;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let t = topic.clone();
+        sends.spawn(async move { t.send(Message::new(format!("b{i}"))).await });
+    }
+    // All but one can leave in batches of at least `min`; the straggler
+    // waits for company until shutdown flushes it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    topic.shutdown().await.expect("shutdown flushes");
+    while let Some(r) = sends.join_next().await {
+        r.expect("join").expect("send");
+    }
+    let sizes = rec.sizes.lock().unwrap().clone();
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        n,
+        "every message sent once: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().all(|&s| s <= max),
+        "max batch size {max}: {sizes:?}"
+    );
+    let below_min = sizes.iter().filter(|&&s| s < min).count();
+    assert!(
+        below_min <= 1,
+        "only the flushed batch may be short: {sizes:?}"
+    );
+    let mut seen = HashSet::new();
+    while seen.len() < n {
+        let m = recv(&sub, ARRIVAL).await;
+        seen.insert(m.body().clone());
+        m.ack();
+    }
+    sub.shutdown().await.expect("sub shutdown");
+}
+
+fn open_sub(d: Arc<dyn driver::Subscription>) -> Subscription {
+    Subscription::with_options(d, SubscriptionOptions::default())
+}
+
+async fn driver_receive_one(d: &dyn driver::Subscription) -> driver::ReceivedMessage {
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    loop {
+        let mut got = d.receive_batch(1).await.expect("receive_batch");
+        if let Some(m) = got.pop() {
+            assert!(got.is_empty(), "receive_batch(1) returned more than one");
+            return m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no message arrived");
+    }
+}
+
+/// Acking one delivery twice at the driver level is harmless.
+pub async fn driver_double_ack_is_harmless(h: &impl Harness) {
+    let f = simple(h, "double-ack").await;
+    f.topic.send(Message::new("once")).await.expect("send");
+    let d = h.open_subscription(&f.sub_name).await.expect("open");
+    let m = driver_receive_one(&*d).await;
+    let ids: Vec<AckId> = vec![m.ack_id.clone()];
+    d.send_acks(&ids).await.expect("first ack");
+    d.send_acks(&ids).await.expect("second ack is harmless");
+    d.close().await.expect("close");
+    finish(f).await;
+}
+
+/// Nacking one delivery twice at the driver level is harmless.
+pub async fn driver_double_nack_is_harmless(h: &impl Harness) {
+    let f = simple(h, "double-nack").await;
+    f.topic.send(Message::new("once")).await.expect("send");
+    let d = h.open_subscription(&f.sub_name).await.expect("open");
+    let m = driver_receive_one(&*d).await;
+    let ids: Vec<AckId> = vec![m.ack_id.clone()];
+    d.send_nacks(&ids).await.expect("first nack");
+    d.send_nacks(&ids).await.expect("second nack is harmless");
+    let again = driver_receive_one(&*d).await;
+    assert_eq!(again.body, m.body);
+    d.send_acks(&[again.ack_id.clone()]).await.expect("ack");
+    d.send_acks(&ids)
+        .await
+        .expect("acking the nacked delivery is harmless");
+    d.close().await.expect("close");
+    finish(f).await;
+}
+
+/// After shutdown every call on every clone fails with FailedPrecondition.
+pub async fn send_and_receive_after_shutdown_fail(h: &impl Harness) {
+    let f = simple(h, "closed").await;
+    let topic2 = f.topic.clone();
+    let sub2 = f.sub.clone();
+    f.topic.shutdown().await.expect("first topic shutdown");
+    f.sub.shutdown().await.expect("first subscription shutdown");
+    for t in [&f.topic, &topic2] {
+        let e = t.send(Message::new("late")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        let e = t.shutdown().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    }
+    for s in [&f.sub, &sub2] {
+        let e = s.receive().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        let e = s.shutdown().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    }
+}
+
+/// A send whose future is dropped before its batch leaves is withdrawn.
+pub async fn cancelled_send_is_withdrawn(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "cancel-send",
+        LONG_DEADLINE,
+        TopicOptions::default().with_batching(
+            BatchOptions::default()
+                .with_min_batch_size(2)
+                .with_max_handlers(1),
+        ),
+        SubscriptionOptions::default(),
+    )
+    .await;
+    // Alone, it waits for a second message; we give up on it first.
+    let r = tokio::time::timeout(
+        Duration::from_millis(200),
+        f.topic.send(Message::new("withdrawn")),
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a lone message below the minimum batch size waits"
+    );
+    let (a, b) = tokio::join!(
+        f.topic.send(Message::new("kept-1")),
+        f.topic.send(Message::new("kept-2"))
+    );
+    a.expect("send");
+    b.expect("send");
+    let mut got = HashSet::new();
+    for _ in 0..2 {
+        let m = recv(&f.sub, ARRIVAL).await;
+        got.insert(String::from_utf8(m.body().to_vec()).unwrap());
+        m.ack();
+    }
+    assert_eq!(
+        got,
+        HashSet::from(["kept-1".to_owned(), "kept-2".to_owned()])
+    );
+    expect_nothing(&f.sub, Duration::from_secs(1)).await;
+    finish(f).await;
+}
+
+/// A receive cancelled while waiting takes nothing with it.
+pub async fn cancelled_receive_loses_nothing(h: &impl Harness) {
+    let f = simple(h, "cancel-receive").await;
+    let r = tokio::time::timeout(Duration::from_millis(300), f.sub.receive()).await;
+    assert!(r.is_err(), "nothing to receive yet");
+    f.topic.send(Message::new("after")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    assert_eq!(m.body().as_ref(), b"after");
+    m.ack();
+    finish(f).await;
+}
+
+/// Receive futures dropped at random moments while messages flow lose
+/// none of them.
+pub async fn dropped_receive_futures_lose_nothing(h: &impl Harness) {
+    let f = simple(h, "drop-receive").await;
+    let n = 200;
+    let topic = f.topic.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            topic
+                .send(Message::new(format!("{i}")))
+                .await
+                .expect("send");
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + ARRIVAL * 2;
+    while seen.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lost messages: got {} of {n}",
+            seen.len()
+        );
+        let wait = Duration::from_micros(fastrand::u64(0..3000));
+        if let Ok(r) = tokio::time::timeout(wait, f.sub.receive()).await {
+            let m = r.expect("receive");
+            seen.insert(m.body().clone());
+            m.ack();
+        }
+    }
+    sender.await.expect("sender");
+    finish(f).await;
+}
+
+/// Sending to a topic that does not exist fails with NotFound.
+pub async fn nonexistent_topic_is_not_found(h: &impl Harness) {
+    let t = Topic::with_options(
+        h.open_topic(&unique("missing-topic"))
+            .await
+            .expect("opening is lazy"),
+        TopicOptions::default(),
+    );
+    let e = t.send(Message::new("nowhere")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let _ = t.shutdown().await;
+}
+
+/// Receiving from a subscription that does not exist fails with NotFound.
+pub async fn nonexistent_subscription_is_not_found(h: &impl Harness) {
+    let s = open_sub(
+        h.open_subscription(&unique("missing-sub"))
+            .await
+            .expect("opening is lazy"),
+    );
+    let e = tokio::time::timeout(ARRIVAL, s.receive())
+        .await
+        .expect("fails promptly")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let _ = s.shutdown().await;
+}
+
+/// Shutdown sends what is queued before it returns.
+pub async fn shutdown_flushes_sends(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "flush-sends",
+        LONG_DEADLINE,
+        TopicOptions::default().with_batching(BatchOptions::default().with_min_batch_size(1000)),
+        SubscriptionOptions::default(),
+    )
+    .await;
+    let n = 10;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let t = f.topic.clone();
+        sends.spawn(async move { t.send(Message::new(format!("f{i}"))).await });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    f.topic.shutdown().await.expect("shutdown");
+    while let Some(r) = sends.join_next().await {
+        r.expect("join").expect("queued sends succeed on shutdown");
+    }
+    let mut seen = HashSet::new();
+    while seen.len() < n {
+        let m = recv(&f.sub, ARRIVAL).await;
+        seen.insert(m.body().clone());
+        m.ack();
+    }
+    f.sub.shutdown().await.expect("sub shutdown");
+}
+
+/// Shutdown sends pending acks: a new handle on the same subscription gets
+/// none of the acked messages again, even after the ack deadline.
+pub async fn shutdown_flushes_acks(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "flush-acks",
+        SHORT_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default()
+            .with_ack_batching(BatchOptions::default().with_min_batch_size(1000)),
+    )
+    .await;
+    let n = 10;
+    for i in 0..n {
+        f.topic
+            .send(Message::new(format!("a{i}")))
+            .await
+            .expect("send");
+    }
+    for _ in 0..n {
+        recv(&f.sub, ARRIVAL).await.ack();
+    }
+    f.sub.shutdown().await.expect("shutdown flushes acks");
+    let again = open_sub(h.open_subscription(&f.sub_name).await.expect("reopen"));
+    expect_nothing(&again, SHORT_DEADLINE * 2).await;
+    again.shutdown().await.expect("shutdown");
+    f.topic.shutdown().await.expect("topic shutdown");
+}
+
+/// `Message::extend_lease` works where the backend can extend leases and
+/// fails with Unimplemented where it cannot.
+pub async fn extend_lease_matches_capability(h: &impl Harness) {
+    let f = simple(h, "extend-capability").await;
+    f.topic.send(Message::new("lease")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    let r = m.extend_lease(Duration::from_secs(30)).await;
+    if h.capabilities().lease_extension {
+        r.expect("extend lease");
+    } else {
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::Unimplemented);
+    }
+    m.ack();
+    finish(f).await;
+}
+
+/// Topic, subscription, message and error give typed access to the
+/// backend's own values, and a before-send hook sees its record.
+pub async fn escape_hatches(h: &impl Harness) {
+    let f = simple(h, "escape").await;
+    h.check_raw_topic(&f.topic).expect("Topic::as_raw");
+    h.check_raw_subscription(&f.sub)
+        .expect("Subscription::as_raw");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let hook_seen = seen.clone();
+    let is_record = h.before_send_record_check();
+    f.topic
+        .send(Message::new("raw").with_before_send(move |record| {
+            if is_record(record) {
+                hook_seen.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        }))
+        .await
+        .expect("send");
+    assert!(
+        seen.load(Ordering::SeqCst) >= 1,
+        "the before-send hook ran and saw the driver's documented record type"
+    );
+    let m = recv(&f.sub, ARRIVAL).await;
+    h.check_raw_message(&m).expect("Message::as_raw");
+    m.ack();
+    let missing = Topic::with_options(
+        h.open_topic(&unique("escape-missing")).await.expect("open"),
+        TopicOptions::default(),
+    );
+    let e = missing.send(Message::new("x")).await.unwrap_err();
+    h.check_raw_error(&e).expect("Error::source_as");
+    let _ = missing.shutdown().await;
+    finish(f).await;
+}
+
+/// Ten senders of a thousand messages each and ten receivers: every message
+/// arrives at least once; duplicates are counted and reported.
+pub async fn concurrent_senders_and_receivers(h: &impl Harness) {
+    let f = simple(h, "concurrent").await;
+    let (senders, per_sender, receivers) = (10, 1000, 10);
+    let total = senders * per_sender;
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..senders {
+        let t = f.topic.clone();
+        tasks.spawn(async move {
+            for i in 0..per_sender {
+                t.send(Message::new(format!("{s}-{i}")))
+                    .await
+                    .expect("send");
+            }
+        });
+    }
+    let seen = Arc::new(Mutex::new(HashMap::<bytes::Bytes, usize>::new()));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let mut recv_tasks = tokio::task::JoinSet::new();
+    for _ in 0..receivers {
+        let sub = f.sub.clone();
+        let seen = seen.clone();
+        let done = done.clone();
+        recv_tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = sub.receive() => {
+                        let m = r.expect("receive");
+                        let complete = {
+                            let mut s = seen.lock().unwrap();
+                            *s.entry(m.body().clone()).or_default() += 1;
+                            s.len() == total
+                        };
+                        m.ack();
+                        if complete {
+                            done.notify_waiters();
+                            return;
+                        }
+                    }
+                    _ = done.notified() => return,
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("sender");
+    }
+    let wait = tokio::time::timeout(ARRIVAL * 3, async {
+        while let Some(r) = recv_tasks.join_next().await {
+            r.expect("receiver");
+            // One receiver saw the last message; the others stop too.
+            done.notify_waiters();
+        }
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let duplicates: usize = seen.values().map(|c| c - 1).sum();
+    println!(
+        "concurrent_senders_and_receivers: {} of {total} distinct messages received, {duplicates} duplicates",
+        seen.len()
+    );
+    assert!(
+        wait.is_ok(),
+        "only {} of {total} messages arrived",
+        seen.len()
+    );
+    assert_eq!(seen.len(), total);
+    finish(f).await;
+}
+
+/// A nacked message comes back promptly, long before its ack deadline.
+pub async fn nack_redelivers(h: &impl Harness) {
+    let f = simple(h, "nack").await;
+    f.topic.send(Message::new("again")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    let first_attempt = m.delivery_attempt();
+    m.nack();
+    let again = recv(&f.sub, LONG_DEADLINE / 4).await;
+    assert_eq!(again.body().as_ref(), b"again");
+    if let (Some(a), Some(b)) = (first_attempt, again.delivery_attempt()) {
+        assert!(b > a, "delivery attempt grows: {a} then {b}");
+    }
+    again.ack();
+    finish(f).await;
+}
+
+/// A received message dropped without ack or nack is nacked and counted.
+pub async fn dropped_message_is_nacked(h: &impl Harness) {
+    let f = simple(h, "drop-nacks").await;
+    f.topic.send(Message::new("dropped")).await.expect("send");
+    drop(recv(&f.sub, ARRIVAL).await);
+    let again = recv(&f.sub, LONG_DEADLINE / 4).await;
+    assert_eq!(again.body().as_ref(), b"dropped");
+    again.ack();
+    assert_eq!(f.sub.stats().dropped_unsettled, 1);
+    finish(f).await;
+}
+
+/// Each of two subscriptions gets every message.
+pub async fn two_subscriptions_each_get_every_message(h: &impl Harness) {
+    let f = simple(h, "fan-out").await;
+    let second = format!("{}-second", f.topic_name);
+    h.create_subscription(&f.topic_name, &second, LONG_DEADLINE)
+        .await
+        .expect("create second subscription");
+    let sub2 = open_sub(h.open_subscription(&second).await.expect("open"));
+    let n = 10;
+    for i in 0..n {
+        f.topic
+            .send(Message::new(format!("fan{i}")))
+            .await
+            .expect("send");
+    }
+    for sub in [&f.sub, &sub2] {
+        let mut seen = HashSet::new();
+        while seen.len() < n {
+            let m = recv(sub, ARRIVAL).await;
+            seen.insert(m.body().clone());
+            m.ack();
+        }
+    }
+    sub2.shutdown().await.expect("shutdown");
+    finish(f).await;
+}
+
+/// A message neither acked nor nacked comes back after the ack deadline.
+pub async fn redelivered_after_ack_deadline(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "deadline",
+        SHORT_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default().with_max_lease_extension(Duration::ZERO),
+    )
+    .await;
+    f.topic.send(Message::new("late")).await.expect("send");
+    let held = recv(&f.sub, ARRIVAL).await;
+    let started = tokio::time::Instant::now();
+    let again = recv(&f.sub, SHORT_DEADLINE * 10).await;
+    assert_eq!(again.body().as_ref(), b"late");
+    assert!(
+        started.elapsed() >= SHORT_DEADLINE / 2,
+        "redelivered too early: {:?}",
+        started.elapsed()
+    );
+    again.ack();
+    held.ack();
+    finish(f).await;
+}
+
+/// The subscription keeps a held message's lease alive past its deadline.
+pub async fn held_message_lease_is_kept(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "lease-keeper",
+        SHORT_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default(),
+    )
+    .await;
+    f.topic.send(Message::new("held")).await.expect("send");
+    let held = recv(&f.sub, ARRIVAL).await;
+    expect_nothing(&f.sub, SHORT_DEADLINE * 3).await;
+    held.ack();
+    finish(f).await;
+}
+
+/// An explicit lease extension keeps a message from redelivery.
+pub async fn explicit_lease_extension(h: &impl Harness) {
+    let f = fixture(
+        h,
+        "lease-explicit",
+        SHORT_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default().with_max_lease_extension(Duration::ZERO),
+    )
+    .await;
+    f.topic.send(Message::new("extended")).await.expect("send");
+    let held = recv(&f.sub, ARRIVAL).await;
+    held.extend_lease(SHORT_DEADLINE * 4).await.expect("extend");
+    expect_nothing(&f.sub, SHORT_DEADLINE * 2).await;
+    held.ack();
+    finish(f).await;
+}
+
+/// A message over the backend's size limit is refused before any I/O.
+pub async fn oversized_message_rejected(h: &impl Harness) {
+    let max = h.capabilities().max_message_bytes.expect("declared");
+    let f = simple(h, "oversized").await;
+    let e = f
+        .topic
+        .send(Message::new(vec![b'x'; max + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    f.topic.send(Message::new("fits")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    assert_eq!(m.body().as_ref(), b"fits");
+    m.ack();
+    finish(f).await;
+}
+
+/// Messages with one ordering key arrive in the order they were sent.
+pub async fn ordering_key_keeps_order(h: &impl Harness) {
+    let f = simple(h, "ordering").await;
+    let n = 100;
+    for i in 0..n {
+        f.topic
+            .send(Message::new(format!("{i}")).with_ordering_key("k"))
+            .await
+            .expect("send");
+    }
+    for i in 0..n {
+        let m = recv(&f.sub, ARRIVAL).await;
+        assert_eq!(m.body().as_ref(), format!("{i}").as_bytes());
+        assert_eq!(m.ordering_key(), Some("k"));
+        m.ack();
+    }
+    finish(f).await;
+}
