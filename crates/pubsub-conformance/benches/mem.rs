@@ -1,1 +1,153 @@
-fn main() {}
+//! End-to-end benchmark of the in-memory driver against a plain
+//! `tokio::sync::mpsc` pipeline of the same shape.
+//!
+//! `cargo bench -p pubsub-conformance --bench mem [-- backlog|latency|matrix]`
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pubsub_conformance::bench::{end_to_end, mpsc_baseline, resident_bytes, round_trips, Report};
+use pubsub_core::mem::Broker;
+use pubsub_core::{Message, Subscription, Topic};
+
+const BODY: usize = 100;
+
+fn pairs(broker: &Broker, topics: usize, tag: &str) -> Vec<(Topic, Subscription)> {
+    (0..topics)
+        .map(|i| {
+            let t = format!("{tag}-t{i}");
+            let s = format!("{tag}-s{i}");
+            broker.create_topic(&t).unwrap();
+            broker
+                .create_subscription(&s, &t, Duration::from_secs(60))
+                .unwrap();
+            (broker.topic(&t), broker.subscription(&s))
+        })
+        .collect()
+}
+
+async fn shutdown(pairs: Vec<(Topic, Subscription)>) {
+    for (t, s) in pairs {
+        t.shutdown().await.unwrap();
+        s.shutdown().await.unwrap();
+    }
+}
+
+fn row(topics: usize, senders: usize, receivers: usize, lib: &Report, raw: &Report) {
+    println!(
+        "| {topics:>3} | {senders:>3} | {receivers:>3} | {:>9.0} | {:>8.1?} | {:>9.0} | {:>8.1?} | {:>5.2} |",
+        lib.rate(),
+        lib.latency(0.5),
+        raw.rate(),
+        raw.latency(0.5),
+        lib.rate() / raw.rate()
+    );
+}
+
+async fn one(topics: usize, senders: usize, receivers: usize, total: u64) {
+    let per_topic = (total / topics as u64).max(1);
+    let broker = Broker::new();
+    let tag = format!("m{topics}-{senders}-{receivers}");
+    let p = pairs(&broker, topics, &tag);
+    // Warm up the batch sizing and the allocator, as a running service is.
+    let _ = end_to_end(&p, senders, receivers, per_topic / 10 + 1, BODY).await;
+    let lib = end_to_end(&p, senders, receivers, per_topic, BODY).await;
+    shutdown(p).await;
+    let raw = mpsc_baseline(topics, senders, receivers, per_topic, BODY).await;
+    row(topics, senders, receivers, &lib, &raw);
+}
+
+async fn matrix() {
+    println!(
+        "\nEnd to end: send + receive + ack, {BODY}-byte bodies, senders and receivers per topic"
+    );
+    println!("| topics | senders | receivers | pubsub msg/s | p50 | mpsc msg/s | p50 | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for topics in [1, 10, 100] {
+        for conc in [1, 10, 100] {
+            let total = if conc == 1 && topics == 1 {
+                200_000
+            } else {
+                1_000_000
+            };
+            one(topics, conc, conc, total).await;
+        }
+    }
+    one(1, 100, 10, 2_000_000).await;
+}
+
+async fn latency() {
+    let broker = Broker::new();
+    let p = pairs(&broker, 1, "lat");
+    let (t, s) = &p[0];
+    let _ = round_trips(t, s, 1000, BODY).await;
+    let r = round_trips(t, s, 20_000, BODY).await;
+    println!(
+        "\nLone round trip (send, receive, ack), {BODY}-byte body: p50 {:?}, p90 {:?}, p99 {:?}",
+        r.latency(0.5),
+        r.latency(0.9),
+        r.latency(0.99)
+    );
+    shutdown(p).await;
+}
+
+async fn backlog() {
+    let n = 1_000_000u64;
+    let before = resident_bytes().unwrap_or(0);
+    let broker = Broker::new();
+    let p = pairs(&broker, 1, "backlog");
+    let (t, _s) = &p[0];
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..100u64 {
+        let t = t.clone();
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < n {
+                // A distinct allocation per body, as real messages have.
+                let mut body = vec![b'x'; BODY];
+                body[..8].copy_from_slice(&i.to_le_bytes());
+                t.send(Message::new(Bytes::from(body))).await.unwrap();
+                i += 100;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let after = resident_bytes().unwrap_or(0);
+    assert_eq!(broker.backlog("backlog-s0").unwrap() as u64, n);
+    println!(
+        "\nBacklog: {n} unacked {BODY}-byte messages in one subscription, sent in {:.2?}: \
+         resident {:.0} MB (process), {:.0} MB more than before",
+        started.elapsed(),
+        after as f64 / 1e6,
+        after.saturating_sub(before) as f64 / 1e6
+    );
+    shutdown(p).await;
+}
+
+fn main() {
+    let what: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = what.is_empty();
+    let want = |w: &str| all || what.iter().any(|a| a == w);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Measured first, so no earlier run's freed memory is counted.
+        if want("backlog") {
+            backlog().await;
+        }
+        if want("latency") {
+            latency().await;
+        }
+        if want("matrix") {
+            matrix().await;
+        }
+    });
+}

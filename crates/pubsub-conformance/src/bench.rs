@@ -116,6 +116,18 @@ pub async fn end_to_end(
     per_topic: u64,
     size: usize,
 ) -> Report {
+    end_to_end_with_progress(pairs, senders, receivers, per_topic, size, &Arc::default()).await
+}
+
+/// [`end_to_end`], counting received messages in `progress` as it goes.
+pub async fn end_to_end_with_progress(
+    pairs: &[(Topic, Subscription)],
+    senders: usize,
+    receivers: usize,
+    per_topic: u64,
+    size: usize,
+    progress: &Arc<AtomicU64>,
+) -> Report {
     let total = per_topic * pairs.len() as u64;
     let samples = Arc::new(Samples::new(total));
     let started = Instant::now();
@@ -138,6 +150,7 @@ pub async fn end_to_end(
             let sub = sub.clone();
             let samples = samples.clone();
             let received = received.clone();
+            let progress = progress.clone();
             tasks.spawn(async move {
                 while received.load(Ordering::Acquire) < per_topic {
                     let r = tokio::time::timeout(Duration::from_millis(200), sub.receive()).await;
@@ -145,6 +158,7 @@ pub async fn end_to_end(
                     let m = r.expect("receive");
                     samples.record(m.body());
                     received.fetch_add(1, Ordering::AcqRel);
+                    progress.fetch_add(1, Ordering::Relaxed);
                     m.ack();
                 }
             });
