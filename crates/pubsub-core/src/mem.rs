@@ -342,17 +342,18 @@ impl Broker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::default();
-        c.nack = true;
-        c.lease_extension = true;
-        c.redelivery_after_deadline = true;
-        c.fan_out = true;
-        c.max_message_bytes = Some(self.inner.max_message_bytes);
-        c.send_batching = BatchLimits::new(1000, 2);
-        c.ack_batching = BatchLimits::new(1000, 2);
-        c.max_receive_batch = 1000;
-        c.max_concurrent_receives = 2;
-        c
+        Capabilities {
+            nack: true,
+            lease_extension: true,
+            redelivery_after_deadline: true,
+            fan_out: true,
+            max_message_bytes: Some(self.inner.max_message_bytes),
+            send_batching: BatchLimits::new(1000, 2),
+            ack_batching: BatchLimits::new(1000, 2),
+            max_receive_batch: 1000,
+            max_concurrent_receives: 2,
+            ..Capabilities::default()
+        }
     }
 }
 
