@@ -364,7 +364,9 @@ pub async fn driver_double_nack_is_harmless(h: &impl Harness) {
     d.send_nacks(&ids).await.expect("second nack is harmless");
     let again = driver_receive_one(&*d).await;
     assert_eq!(again.body, m.body);
-    d.send_acks(std::slice::from_ref(&again.ack_id)).await.expect("ack");
+    d.send_acks(std::slice::from_ref(&again.ack_id))
+        .await
+        .expect("ack");
     d.send_acks(&ids)
         .await
         .expect("acking the nacked delivery is harmless");
