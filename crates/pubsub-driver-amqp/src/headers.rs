@@ -1,0 +1,197 @@
+//! Attributes travel as AMQP headers.
+//!
+//! Sending: every attribute becomes a header whose value is a long string,
+//! as the Go CDK's RabbitMQ driver does. Receiving, headers written by any
+//! client are read back as strings by this rule:
+//! - long and short strings: their bytes as UTF-8 (invalid sequences
+//!   replaced by U+FFFD);
+//! - booleans: `true` / `false`; integers and floats: their decimal form;
+//! - decimals: the value scaled, e.g. `12.34`; timestamps: seconds since
+//!   the Unix epoch;
+//! - byte arrays: standard base64;
+//! - arrays and nested tables: compact JSON, with the same rule inside;
+//! - void: the empty string.
+
+use base64::Engine;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use pubsub_core::{Attributes, Error, Result};
+
+/// Builds the header table of an outgoing message.
+pub(crate) fn to_headers(attrs: &Attributes) -> Result<FieldTable> {
+    let mut t = FieldTable::default();
+    for (k, v) in attrs {
+        let key = ShortString::try_new(k.as_str()).map_err(|_| {
+            Error::invalid_argument(format!(
+                "attribute key of {} bytes is longer than AMQP's 255-byte limit",
+                k.len()
+            ))
+        })?;
+        t.insert(key, AMQPValue::LongString(LongString::from(v.as_bytes())));
+    }
+    Ok(t)
+}
+
+/// Reads the header table of a delivery as string attributes.
+pub(crate) fn from_headers(table: Option<&FieldTable>) -> Attributes {
+    let mut attrs = Attributes::new();
+    if let Some(t) = table {
+        for (k, v) in t {
+            attrs.insert(k.as_str().to_owned(), render(v));
+        }
+    }
+    attrs
+}
+
+fn render(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        other => render_json(other, false),
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders a value; inside arrays and tables strings are JSON-quoted.
+fn render_json(v: &AMQPValue, nested: bool) -> String {
+    let quote = |s: String| if nested { json_str(&s) } else { s };
+    match v {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        AMQPValue::DecimalValue(d) => {
+            let scale = u32::from(d.scale);
+            let value = i64::from(d.value);
+            if scale == 0 {
+                value.to_string()
+            } else {
+                let div = 10i64.pow(scale.min(18));
+                format!(
+                    "{}.{:0width$}",
+                    value / div,
+                    value % div,
+                    width = scale as usize
+                )
+            }
+        }
+        AMQPValue::Timestamp(t) => t.to_string(),
+        AMQPValue::ShortString(s) => quote(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => quote(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ByteArray(b) => {
+            quote(base64::engine::general_purpose::STANDARD.encode(b.as_slice()))
+        }
+        AMQPValue::FieldArray(a) => {
+            let items: Vec<String> = a.as_slice().iter().map(|x| render_json(x, true)).collect();
+            format!("[{}]", items.join(","))
+        }
+        AMQPValue::FieldTable(t) => {
+            let items: Vec<String> = t
+                .into_iter()
+                .map(|(k, x)| format!("{}:{}", json_str(k.as_str()), render_json(x, true)))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        AMQPValue::Void => {
+            if nested {
+                "null".to_owned()
+            } else {
+                String::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{ByteArray, DecimalValue, FieldArray};
+
+    #[test]
+    fn attributes_round_trip_through_headers() {
+        let mut a = Attributes::new();
+        a.insert("k".into(), "v".into());
+        a.insert("ünï".into(), "値".into());
+        let t = to_headers(&a).unwrap();
+        assert_eq!(from_headers(Some(&t)), a);
+    }
+
+    #[test]
+    fn overlong_keys_are_refused() {
+        let mut a = Attributes::new();
+        a.insert("k".repeat(256), "v".into());
+        assert_eq!(
+            to_headers(&a).unwrap_err().kind(),
+            pubsub_core::ErrorKind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn foreign_header_types_render_as_strings() {
+        let mut t = FieldTable::default();
+        t.insert("bool".into(), AMQPValue::Boolean(true));
+        t.insert("int".into(), AMQPValue::LongInt(-42));
+        t.insert("double".into(), AMQPValue::Double(1.5));
+        t.insert(
+            "decimal".into(),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 1234,
+            }),
+        );
+        t.insert("ts".into(), AMQPValue::Timestamp(1_700_000_000));
+        t.insert(
+            "bytes".into(),
+            AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0])),
+        );
+        t.insert(
+            "array".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                AMQPValue::LongString("a\"b".into()),
+                AMQPValue::Void,
+            ])),
+        );
+        let mut inner = FieldTable::default();
+        inner.insert("x".into(), AMQPValue::Boolean(false));
+        t.insert("table".into(), AMQPValue::FieldTable(inner));
+        t.insert("void".into(), AMQPValue::Void);
+        t.insert(
+            "bad-utf8".into(),
+            AMQPValue::LongString(LongString::from(&b"a\xffb"[..])),
+        );
+        let a = from_headers(Some(&t));
+        assert_eq!(a["bool"], "true");
+        assert_eq!(a["int"], "-42");
+        assert_eq!(a["double"], "1.5");
+        assert_eq!(a["decimal"], "12.34");
+        assert_eq!(a["ts"], "1700000000");
+        assert_eq!(a["bytes"], "/wA=");
+        assert_eq!(a["array"], r#"[1,"a\"b",null]"#);
+        assert_eq!(a["table"], r#"{"x":false}"#);
+        assert_eq!(a["void"], "");
+        assert_eq!(a["bad-utf8"], "a\u{fffd}b");
+    }
+}

@@ -1,0 +1,238 @@
+//! A subscription is a queue.
+
+use std::any::Any;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, Channel, Consumer};
+use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use pubsub_core::{Error, Result};
+use tokio::sync::Mutex;
+
+use crate::connection::Connector;
+use crate::{capabilities, error, headers, DRIVER};
+
+/// How long one `receive_batch` waits for a first delivery.
+const POLL: Duration = Duration::from_millis(500);
+
+/// The default QoS prefetch count: deliveries the broker may push ahead of
+/// acks, and so the most one receive batch can hold.
+pub const DEFAULT_PREFETCH: u16 = 512;
+
+/// Options of a queue-backed subscription.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct SubscriptionConfig {
+    /// The channel's QoS prefetch count.
+    pub prefetch_count: u16,
+}
+
+impl Default for SubscriptionConfig {
+    fn default() -> Self {
+        SubscriptionConfig {
+            prefetch_count: DEFAULT_PREFETCH,
+        }
+    }
+}
+
+impl SubscriptionConfig {
+    /// Sets the prefetch count (at least 1).
+    pub fn with_prefetch_count(mut self, n: u16) -> Self {
+        self.prefetch_count = n.max(1);
+        self
+    }
+}
+
+/// The RabbitMQ subscription driver: consumes one queue on a channel it
+/// reopens (with a new consumer) when the channel or connection dies.
+///
+/// [`pubsub_core::Subscription::as_raw`] gives the [`Connector`];
+/// [`pubsub_core::Message::as_raw`] gives the `lapin::message::Delivery`
+/// (its body moved out into the message). Deliveries of a dead channel were
+/// requeued by the broker, so acking them is a harmless no-op.
+pub struct AmqpSubscription {
+    connector: Connector,
+    queue: ShortString,
+    config: SubscriptionConfig,
+    consumer: Mutex<Option<(Channel, Consumer)>>,
+}
+
+impl AmqpSubscription {
+    /// A subscription consuming `queue`. The queue is not checked until the
+    /// first receive, which fails with `NotFound` if it does not exist.
+    pub fn new(connector: Connector, queue: &str, config: SubscriptionConfig) -> Result<Self> {
+        let queue = ShortString::try_new(queue)
+            .map_err(|_| Error::invalid_argument("queue names are at most 255 bytes"))?;
+        Ok(AmqpSubscription {
+            connector,
+            queue,
+            config,
+            consumer: Mutex::new(None),
+        })
+    }
+
+    async fn open_consumer(&self) -> Result<(Channel, Consumer)> {
+        let ch = self.connector.channel().await?;
+        let setup = async {
+            ch.basic_qos(self.config.prefetch_count, BasicQosOptions::default())
+                .await?;
+            ch.basic_consume(
+                self.queue.clone(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        };
+        match setup.await {
+            Ok(consumer) => Ok((ch, consumer)),
+            Err(e) => Err(error::map(e)),
+        }
+    }
+
+    fn to_message(&self, mut d: Delivery) -> ReceivedMessage {
+        let body = Bytes::from(std::mem::take(&mut d.data));
+        let attributes = headers::from_headers(d.properties.headers().as_ref());
+        let id = match d.properties.message_id() {
+            Some(id) => id.as_str().to_owned(),
+            None => format!("{}#{}", self.queue.as_str(), d.delivery_tag),
+        };
+        let mut m = ReceivedMessage::new(body, attributes, id, AckId::new(d.acker.clone()));
+        m.raw = Some(Box::new(d));
+        m
+    }
+}
+
+impl fmt::Debug for AmqpSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSubscription")
+            .field("queue", &self.queue.as_str())
+            .field("server", &self.connector.server())
+            .finish()
+    }
+}
+
+fn ackers(ids: &[AckId]) -> impl Iterator<Item = (usize, Option<&Acker>)> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| (i, id.downcast_ref::<Acker>()))
+}
+
+/// Runs one ack-like call per delivery concurrently and collects failures.
+/// An acker whose channel is gone reports success without sending: the
+/// broker already requeued that delivery.
+async fn settle<'a, F, Fut>(ids: &'a [AckId], f: F) -> Result<(), BatchError>
+where
+    F: Fn(&'a Acker) -> Fut,
+    Fut: std::future::Future<Output = lapin::Result<bool>> + 'a,
+{
+    let mut failed = Vec::new();
+    let mut calls = Vec::with_capacity(ids.len());
+    for (i, acker) in ackers(ids) {
+        match acker {
+            Some(a) => calls.push(f(a).map(move |r| (i, r))),
+            None => failed.push((i, Error::invalid_argument("not an AMQP delivery"))),
+        }
+    }
+    for (i, r) in futures_util::future::join_all(calls).await {
+        if let Err(e) = r {
+            failed.push((i, error::map(e)));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(BatchError::Items(failed))
+    }
+}
+
+#[async_trait]
+impl driver::Subscription for AmqpSubscription {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        self.queue.as_str()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.config.prefetch_count)
+    }
+
+    async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        let mut slot = self.consumer.lock().await;
+        let alive = slot.as_ref().is_some_and(|(ch, _)| ch.status().connected());
+        if !alive {
+            *slot = Some(self.open_consumer().await?);
+        }
+        let (_, consumer) = slot.as_mut().expect("opened above");
+        let first = match tokio::time::timeout(POLL, consumer.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(next) => next,
+        };
+        let mut out = Vec::with_capacity(max.min(64));
+        let mut end = None;
+        match first {
+            Some(Ok(d)) => out.push(self.to_message(d)),
+            Some(Err(e)) => end = Some(e),
+            None => {}
+        }
+        // Take what has already arrived, without waiting: every await above
+        // happens before any delivery is taken, so a dropped call loses none.
+        while end.is_none() && out.len() < max && !out.is_empty() {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => out.push(self.to_message(d)),
+                Some(Some(Err(e))) => end = Some(e),
+                Some(None) | None => break,
+            }
+        }
+        if out.is_empty() {
+            *slot = None;
+            return Err(match end {
+                Some(e) => error::map(e),
+                None => Error::unavailable("the RabbitMQ consumer was cancelled")
+                    .with_context("driver", DRIVER),
+            });
+        }
+        if end.is_some() {
+            // Hand out what arrived; the next call reopens.
+            *slot = None;
+        }
+        Ok(out)
+    }
+
+    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        settle(ids, |a| a.ack(BasicAckOptions::default())).await
+    }
+
+    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        settle(ids, |a| {
+            a.nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if let Some((ch, _)) = self.consumer.lock().await.take() {
+            if ch.status().connected() {
+                // Closing the channel requeues whatever it still holds.
+                ch.close(200, "bye".into()).await.map_err(error::map)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.connector)
+    }
+}
