@@ -31,6 +31,7 @@ pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
 
 /// The receiving half of one item's result. Dropping it before the item has
 /// been handed to the driver withdraws the item.
+#[cfg(test)]
 pub(crate) type Reply = oneshot::Receiver<Result<()>>;
 
 pub(crate) struct Batcher<T: Send + 'static> {
@@ -105,6 +106,7 @@ impl<T: Send + 'static> Batcher<T> {
     }
 
     /// Queues an item whose result someone awaits.
+    #[cfg(test)]
     pub(crate) fn add(&self, item: T, size: usize) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         self.push(Entry {
@@ -113,6 +115,62 @@ impl<T: Send + 'static> Batcher<T> {
             reply: Some(tx),
         })?;
         Ok(rx)
+    }
+
+    /// Sends an item and waits for its result. When a handler slot is free
+    /// and nothing waits, the caller's own task makes the driver call: a
+    /// lone send then costs no task spawn or cross-task wake-up. Otherwise
+    /// the item queues for the next batch, and dropping the future before
+    /// that batch leaves withdraws it.
+    pub(crate) async fn send(&self, item: T, size: usize) -> Result<()> {
+        let mut item = Some(item);
+        let inline = {
+            let mut st = self.inner.lock();
+            if st.closed {
+                return Err(Error::failed_precondition("topic has been shut down"));
+            }
+            if st.active < self.inner.limits.max_handlers
+                && st.pending.is_empty()
+                && self.inner.limits.min_batch_size <= 1
+            {
+                st.active += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                st.pending.push_back(Entry {
+                    item: item.take().expect("not yet moved"),
+                    size,
+                    reply: Some(tx),
+                });
+                self.start_handlers(&mut st);
+                Some(rx)
+            }
+        };
+        let reply = match inline {
+            Some(rx) => rx,
+            None => {
+                // Releases the slot however this future ends, including
+                // being dropped mid-call.
+                let _slot = Slot(self);
+                let (tx, mut rx) = oneshot::channel();
+                self.inner
+                    .run(vec![Entry {
+                        item: item.take().expect("not yet moved"),
+                        size,
+                        reply: Some(tx),
+                    }])
+                    .await;
+                return rx
+                    .try_recv()
+                    .unwrap_or_else(|_| Err(Error::internal("no result for an inline send")));
+            }
+        };
+        match reply.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::internal(
+                "the send was abandoned: the runtime is shutting down",
+            )),
+        }
     }
 
     /// Queues an item nobody waits for; its failure goes to the handler's
@@ -198,6 +256,20 @@ impl<T: Send + 'static> Batcher<T> {
     /// Whether `shutdown` has begun.
     pub(crate) fn is_closed(&self) -> bool {
         self.inner.lock().closed
+    }
+}
+
+/// A handler slot taken by an inline send.
+struct Slot<'a, T: Send + 'static>(&'a Batcher<T>);
+
+impl<T: Send + 'static> Drop for Slot<'_, T> {
+    fn drop(&mut self) {
+        let mut st = self.0.inner.lock();
+        st.active -= 1;
+        self.0.start_handlers(&mut st);
+        if st.active == 0 && st.pending.is_empty() {
+            self.0.inner.idle.notify_waiters();
+        }
     }
 }
 
@@ -432,6 +504,31 @@ mod tests {
             "10 bytes hold two items of 4: {batches:?}"
         );
         assert_eq!(batches.concat(), (1..=7).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn lone_sends_run_inline_and_a_dropped_one_frees_its_slot() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(100, 1), fast_retry(), rec.clone());
+        let dropped = tokio::time::timeout(Duration::from_millis(10), b.send(1, 1)).await;
+        assert!(dropped.is_err(), "still in the driver call when dropped");
+        b.send(2, 1).await.unwrap();
+        let (a, c) = tokio::join!(b.send(3, 1), b.send(4, 1));
+        a.unwrap();
+        c.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), b.shutdown())
+            .await
+            .expect("no slot leaked");
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches[0],
+            vec![2],
+            "the dropped call never reached the record"
+        );
+        assert_eq!(batches.concat(), vec![2, 3, 4]);
     }
 
     #[tokio::test]

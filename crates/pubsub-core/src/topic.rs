@@ -124,16 +124,11 @@ impl Topic {
                 ))));
             }
         }
-        let reply = inner
+        inner
             .batcher
-            .add(message.into_outgoing(), size)
-            .map_err(|_| self.error(Error::failed_precondition("topic has been shut down")))?;
-        match reply.await {
-            Ok(result) => result,
-            Err(_) => Err(self.error(Error::internal(
-                "the send was abandoned: the runtime is shutting down",
-            ))),
-        }
+            .send(message.into_outgoing(), size)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     fn error(&self, e: Error) -> Error {

@@ -99,7 +99,10 @@ pub(crate) fn capabilities(prefetch: u16) -> Capabilities {
     c.nack = true;
     c.fan_out = true;
     c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
-    c.send_batching = BatchLimits::new(1000, 2);
+    // A confirm takes a disk write on the broker, so throughput follows
+    // the number of publishes in flight, not batch size: keep up to 128
+    // batches in flight, and batch only beyond that.
+    c.send_batching = BatchLimits::new(1000, 128);
     c.ack_batching = BatchLimits::new(1000, 2);
     c.max_receive_batch = usize::from(prefetch.max(1));
     // One consumer a subscription: its deliveries arrive in one stream.
