@@ -89,8 +89,10 @@ enum Command {
 
 /// Registers the drivers compiled into this binary.
 fn registry() -> Registry {
-    // Each driver crate adds its schemes here behind its cargo feature.
-    Registry::with_defaults()
+    let registry = Registry::with_defaults();
+    #[cfg(feature = "amqp")]
+    pubsub_driver_amqp::register(&registry);
+    registry
 }
 
 fn parse_attr(s: &str) -> anyhow::Result<(String, String)> {

@@ -69,7 +69,7 @@ fn unknown_scheme_fails_with_the_registered_ones() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
-    assert!(err.contains("registered schemes: mem"), "{err}");
+    assert!(err.contains("registered schemes: mem, rabbit"), "{err}");
 }
 
 #[test]
@@ -86,4 +86,84 @@ fn malformed_attribute_is_a_usage_error() {
 fn missing_arguments_exit_with_usage() {
     let out = pubsub().args(["bench"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A round trip through RabbitMQ: the CLI sends, then receives as JSON.
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_send_then_receive_json() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = std::env::var("RABBIT_SERVER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let name = format!("cli-{:08x}", std::process::id());
+    // The auto-delete queue lives while this connection does.
+    let _conn = rt.block_on(async {
+        use pubsub_driver_amqp::lapin::{options::*, types::*, *};
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must be running: scripts/backends up");
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            name.as_str().into(),
+            name.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        conn
+    });
+    pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args([
+            "send",
+            &format!("rabbit://{name}"),
+            "--attr",
+            "k=v",
+            "hi there",
+        ])
+        .assert()
+        .success();
+    let out = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args([
+            "receive",
+            &format!("rabbit://{name}"),
+            "--count",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["body"], "hi there");
+    assert_eq!(line["attributes"]["k"], "v");
+    assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
 }
