@@ -17,6 +17,9 @@ use crate::driver::{BatchError, BatchLimits};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 
+/// Retries a temporary failure gets once shutdown has begun.
+const SHUTDOWN_RETRIES: u32 = 5;
+
 /// Where a batch goes. Implemented by the topic and subscription engines
 /// around a driver call.
 #[async_trait]
@@ -168,7 +171,7 @@ impl<T: Send + 'static> Batcher<T> {
         match reply.await {
             Ok(result) => result,
             Err(_) => Err(Error::internal(
-                "the send was abandoned: the runtime is shutting down",
+                "the batch holding this message was abandoned: a driver or hook panicked, or the runtime is shutting down",
             )),
         }
     }
@@ -210,11 +213,7 @@ impl<T: Send + 'static> Batcher<T> {
 
     fn start_handlers(&self, st: &mut State<T>) {
         while st.active < self.inner.limits.max_handlers && self.inner.ready(st) {
-            st.active += 1;
-            let inner = self.inner.clone();
-            self.inner
-                .runtime
-                .spawn(async move { inner.handler_loop().await });
+            self.inner.spawn_handler(st);
         }
     }
 
@@ -281,7 +280,23 @@ impl<T: Send + 'static> Inner<T> {
     }
 
     fn ready(&self, st: &State<T>) -> bool {
-        !st.pending.is_empty() && (st.flushing || st.pending.len() >= self.limits.min_batch_size)
+        let min = self.limits.min_batch_size;
+        if st.pending.is_empty() {
+            return false;
+        }
+        if st.flushing || min <= 1 {
+            return true;
+        }
+        // Withdrawn items must not make up the minimum: only live ones
+        // count, and only as far as the minimum needs.
+        st.pending.len() >= min
+            && st
+                .pending
+                .iter()
+                .filter(|e| !e.withdrawn())
+                .take(min)
+                .count()
+                >= min
     }
 
     fn take_batch(&self, st: &mut State<T>) -> Vec<Entry<T>> {
@@ -307,19 +322,32 @@ impl<T: Send + 'static> Inner<T> {
     }
 
     async fn handler_loop(self: Arc<Self>) {
+        // Gives the slot back however the loop ends, including a panic in a
+        // driver or a user's hook, so the batcher never runs out of slots.
+        struct Release<T: Send + 'static>(Arc<Inner<T>>);
+        impl<T: Send + 'static> Drop for Release<T> {
+            fn drop(&mut self) {
+                let inner = &self.0;
+                let mut st = inner.lock();
+                st.active -= 1;
+                if std::thread::panicking() && inner.ready(&st) {
+                    inner.spawn_handler(&mut st);
+                }
+                if st.active == 0 {
+                    // Withdrawn items left behind below the minimum are not
+                    // worth a wake-up of their own.
+                    st.pending.retain(|e| !e.withdrawn());
+                    if st.pending.is_empty() {
+                        inner.idle.notify_waiters();
+                    }
+                }
+            }
+        }
+        let _release = Release(self.clone());
         loop {
             let batch = {
                 let mut st = self.lock();
                 if !self.ready(&st) {
-                    st.active -= 1;
-                    if st.active == 0 {
-                        // Withdrawn items left behind below the minimum are
-                        // not worth a wake-up of their own.
-                        st.pending.retain(|e| !e.withdrawn());
-                        if st.pending.is_empty() {
-                            self.idle.notify_waiters();
-                        }
-                    }
                     return;
                 }
                 self.take_batch(&mut st)
@@ -328,6 +356,13 @@ impl<T: Send + 'static> Inner<T> {
                 self.run(batch).await;
             }
         }
+    }
+
+    fn spawn_handler(self: &Arc<Self>, st: &mut State<T>) {
+        st.active += 1;
+        let inner = self.clone();
+        self.runtime
+            .spawn(async move { inner.handler_loop().await });
     }
 
     /// Hands one batch to the driver, retrying temporary failures of the
@@ -385,6 +420,20 @@ impl<T: Send + 'static> Inner<T> {
                 }
             }
             if retry_items.is_empty() {
+                return;
+            }
+            if attempt >= SHUTDOWN_RETRIES && self.lock().closed {
+                // Shutting down must end even while the backend is away:
+                // what still fails is reported, not retried for ever.
+                let e = last_error.expect("a temporary failure");
+                for reply in retry_replies {
+                    match reply {
+                        Some(r) => {
+                            let _ = r.send(Err(e.clone()));
+                        }
+                        None => self.handler.unreported_failure(e.clone()),
+                    }
+                }
                 return;
             }
             let wait = self.retry.backoff(attempt);
@@ -529,6 +578,70 @@ mod tests {
             "the dropped call never reached the record"
         );
         assert_eq!(batches.concat(), vec![2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn withdrawn_items_do_not_count_toward_the_minimum() {
+        let rec = Arc::new(Recorder::default());
+        let limits = BatchLimits {
+            min_batch_size: 2,
+            ..BatchLimits::new(10, 1)
+        };
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        drop(b.add(1, 1).unwrap());
+        let kept = b.add(2, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            rec.batches.lock().unwrap().is_empty(),
+            "one live item is below the minimum of two"
+        );
+        let other = b.add(3, 1).unwrap();
+        kept.await.unwrap().unwrap();
+        other.await.unwrap().unwrap();
+        assert_eq!(*rec.batches.lock().unwrap(), vec![vec![2, 3]]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_gives_its_slot_back() {
+        struct Panics(AtomicUsize);
+        #[async_trait]
+        impl BatchHandler<u32> for Panics {
+            async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                if batch.contains(&0) {
+                    panic!("a hook panicked");
+                }
+                Ok(())
+            }
+        }
+        let h = Arc::new(Panics(AtomicUsize::new(0)));
+        let b = Batcher::new(BatchLimits::new(1, 1), fast_retry(), h.clone());
+        let doomed = b.add(0, 1).unwrap();
+        let after = b.add(1, 1).unwrap();
+        assert!(doomed.await.is_err(), "its reply is dropped");
+        after.await.unwrap().unwrap();
+        b.send(2, 1).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), b.shutdown())
+            .await
+            .expect("no slot leaked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_while_the_backend_stays_away() {
+        let rec = Arc::new(Recorder {
+            fail_first: AtomicUsize::new(usize::MAX),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(10, 1), RetryPolicy::default(), rec.clone());
+        b.add_detached(7, 0).unwrap();
+        tokio::time::timeout(Duration::from_secs(600), b.shutdown())
+            .await
+            .expect("shutdown gives up on a backend that never comes back");
+        assert_eq!(
+            rec.unreported.load(Ordering::SeqCst),
+            1,
+            "and reports the loss"
+        );
     }
 
     #[tokio::test]

@@ -331,6 +331,10 @@ pub trait Topic: Send + Sync + fmt::Debug + 'static {
 
     /// Sends every message of the batch and returns once the backend has
     /// accepted them (or reports which failed). Must not retry.
+    ///
+    /// The future may be dropped mid-call (a lone send runs in its caller's
+    /// task, and callers time out): dropping must leave the driver usable,
+    /// and the messages then may or may not have been sent.
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError>;
 
     /// Releases the driver's resources. Called once, after the last batch.

@@ -301,7 +301,7 @@ impl Broker {
         TopicDriver {
             broker: self.clone(),
             name: name.to_owned(),
-            resolved: OnceLock::new(),
+            resolved: Mutex::new(None),
         }
     }
 
@@ -311,7 +311,7 @@ impl Broker {
         SubscriptionDriver {
             broker: self.clone(),
             name: name.to_owned(),
-            resolved: OnceLock::new(),
+            resolved: Mutex::new(None),
         }
     }
 
@@ -391,22 +391,22 @@ impl SubState {
 pub struct TopicDriver {
     broker: Broker,
     name: String,
-    resolved: OnceLock<Arc<TopicState>>,
+    resolved: Mutex<Option<Arc<TopicState>>>,
 }
 
 impl TopicDriver {
-    fn state(&self) -> Result<&Arc<TopicState>> {
-        let t = match self.resolved.get() {
-            Some(t) => t,
-            None => {
-                let found = lock(&self.broker.inner.topics).get(&self.name).cloned();
-                let t = found.ok_or_else(|| self.missing())?;
-                self.resolved.get_or_init(|| t)
+    /// The topic's state, looked up again once the cached one was deleted,
+    /// so a handle works again when the topic is re-created.
+    fn state(&self) -> Result<Arc<TopicState>> {
+        let mut cached = lock(&self.resolved);
+        if let Some(t) = cached.as_ref() {
+            if !t.deleted.load(Ordering::Acquire) {
+                return Ok(t.clone());
             }
-        };
-        if t.deleted.load(Ordering::Acquire) {
-            return Err(self.missing());
         }
+        let found = lock(&self.broker.inner.topics).get(&self.name).cloned();
+        let t = found.ok_or_else(|| self.missing())?;
+        *cached = Some(t.clone());
         Ok(t)
     }
 
@@ -488,24 +488,21 @@ impl driver::Topic for TopicDriver {
 pub struct SubscriptionDriver {
     broker: Broker,
     name: String,
-    resolved: OnceLock<Arc<SubState>>,
+    resolved: Mutex<Option<Arc<SubState>>>,
 }
 
 impl SubscriptionDriver {
-    fn state(&self) -> Result<&Arc<SubState>> {
-        let s = match self.resolved.get() {
-            Some(s) => s,
-            None => {
-                let s = self.broker.sub_state(&self.name)?;
-                self.resolved.get_or_init(|| s)
+    /// The subscription's state, looked up again once the cached one was
+    /// deleted.
+    fn state(&self) -> Result<Arc<SubState>> {
+        let mut cached = lock(&self.resolved);
+        if let Some(s) = cached.as_ref() {
+            if !s.deleted.load(Ordering::Acquire) {
+                return Ok(s.clone());
             }
-        };
-        if s.deleted.load(Ordering::Acquire) {
-            return Err(Error::not_found(format!(
-                "subscription {:?} does not exist",
-                self.name
-            )));
         }
+        let s = self.broker.sub_state(&self.name)?;
+        *cached = Some(s.clone());
         Ok(s)
     }
 
@@ -557,7 +554,7 @@ impl driver::Subscription for SubscriptionDriver {
     }
 
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
-        let s = self.state()?.clone();
+        let s = self.state()?;
         let started = Instant::now();
         loop {
             let notified = s.notify.notified();

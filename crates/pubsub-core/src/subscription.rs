@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     dropped: AtomicU64,
     retry: RetryPolicy,
     runtime: Handle,
+    /// The lease keeper, awaited on shutdown so no extension follows close.
+    keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 struct RecvState {
@@ -364,6 +366,7 @@ impl Subscription {
                 dropped: AtomicU64::new(0),
                 retry: options.retry,
                 runtime: Handle::current(),
+                keeper: Mutex::new(None),
             }
         });
         if leases.enabled {
@@ -379,7 +382,8 @@ impl Subscription {
                 }),
             );
             let stop = shared.stop.subscribe();
-            shared.runtime.spawn(keep_leases(leases, extender, stop));
+            let keeper = shared.runtime.spawn(keep_leases(leases, extender, stop));
+            *lock(&shared.keeper) = Some(keeper);
         }
         Subscription { shared }
     }
@@ -593,6 +597,19 @@ impl Shared {
     }
 
     async fn fetch(self: Arc<Self>, max: usize) {
+        // Counts the fetch out even if the driver panics, so receivers
+        // and shutdown never wait on a fetch that is gone.
+        struct Guard<'a>(&'a Shared, bool);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    lock(&self.0.state).fetches -= 1;
+                    self.0.ready.notify_waiters();
+                    self.0.fetch_done.notify_waiters();
+                }
+            }
+        }
+        let mut guard = Guard(&self, true);
         let mut stop = self.stop.subscribe();
         let mut attempt = 0u32;
         loop {
@@ -626,6 +643,7 @@ impl Shared {
                         attempt = 0;
                         continue;
                     }
+                    guard.1 = false;
                     st.fetches -= 1;
                     // Receivers that found an empty queue and no fetch to
                     // wait on would otherwise sleep forever.
@@ -654,6 +672,7 @@ impl Shared {
                     tracing::error!(error = %e, "receive failed; the subscription is now failed");
                     let mut st = lock(&self.state);
                     st.error.get_or_insert(e);
+                    guard.1 = false;
                     st.fetches -= 1;
                     drop(st);
                     self.ready.notify_waiters();
@@ -662,6 +681,7 @@ impl Shared {
                 }
             }
         }
+        guard.1 = false;
         lock(&self.state).fetches -= 1;
         self.fetch_done.notify_waiters();
     }
@@ -772,6 +792,10 @@ impl Shared {
         }
         self.acks.shutdown().await;
         self.nacks.shutdown().await;
+        let keeper = lock(&self.keeper).take();
+        if let Some(k) = keeper {
+            let _ = k.await;
+        }
         let closed = self
             .driver
             .close()
@@ -789,7 +813,9 @@ async fn keep_leases(
     extender: Batcher<Settle>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tick = (leases.deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+    // At least two ticks fall in the last half of every lease, however
+    // short the deadline.
+    let tick = (leases.deadline / 4).clamp(Duration::from_millis(1), Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
@@ -809,6 +835,66 @@ async fn keep_leases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::driver::{AckId, BatchError};
+    use crate::error::ErrorKind;
+    use bytes::Bytes;
+
+    /// A fake driver whose acks always fail for good.
+    #[derive(Debug)]
+    struct AcksFail;
+
+    #[async_trait]
+    impl driver::Subscription for AcksFail {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+        fn resource(&self) -> &str {
+            "acks-fail"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
+            Ok(vec![ReceivedMessage::new(
+                Bytes::from_static(b"x"),
+                Default::default(),
+                "1".into(),
+                AckId::from_u64(1),
+            )])
+        }
+        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
+            Err(Error::new(ErrorKind::PermissionDenied, "no acks for you").into())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_permanent_ack_failure_fails_the_subscription_loudly() {
+        let sub = Subscription::new(AcksFail);
+        sub.receive().await.unwrap().ack();
+        let mut failed = None;
+        for _ in 0..100 {
+            match sub.receive().await {
+                Ok(m) => {
+                    m.ack();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = failed.expect("receive reports the ack failure");
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(e.context("operation"), Some("ack"));
+        let e = sub.shutdown().await.unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::PermissionDenied,
+            "shutdown reports it too"
+        );
+    }
 
     #[test]
     fn batch_size_grows_at_most_twice_and_shrinks_at_most_by_a_quarter() {

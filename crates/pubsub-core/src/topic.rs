@@ -115,6 +115,13 @@ impl Topic {
         if inner.shut_down.load(Ordering::Acquire) {
             return Err(self.error(Error::failed_precondition("topic has been shut down")));
         }
+        if message.id().is_some() {
+            // Sending would consume the delivery and so settle it by the
+            // drop rule, before the send even happens.
+            return Err(self.error(Error::invalid_argument(
+                "a received message cannot be sent as is: send msg.clone() (its content) and then ack the original",
+            )));
+        }
         message.validate().map_err(|e| self.error(e))?;
         let size = message.size();
         if let Some(max) = inner.caps.max_message_bytes {

@@ -1,0 +1,223 @@
+//! The user API over the in-memory driver: what the conformance suite does
+//! not cover because it is specific to this crate.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pubsub_core::mem::Broker;
+use pubsub_core::{open_subscription, open_topic, ErrorKind, Message};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn deleted_topics_and_subscriptions_are_not_found_and_come_back() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    topic.send(Message::new("before")).await.unwrap();
+    b.delete_topic("t").unwrap();
+    let e = topic.send(Message::new("after delete")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("\"t\""), "{e}");
+
+    // Re-created, the same handle works again.
+    b.create_topic("t").unwrap();
+    b.create_subscription("s2", "t", Duration::from_secs(30))
+        .unwrap();
+    topic.send(Message::new("again")).await.unwrap();
+    assert_eq!(b.backlog("s2").unwrap(), 1);
+    assert_eq!(
+        b.backlog("s").unwrap(),
+        1,
+        "the old subscription kept its backlog"
+    );
+
+    let sub = b.subscription("s");
+    b.delete_subscription("s").unwrap();
+    let e = tokio::time::timeout(WAIT, sub.receive())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(
+        b.create_topic("t").unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        b.create_subscription("x", "missing", Duration::from_secs(1))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    topic.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_subscription_gets_only_messages_sent_after_it_exists() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    let topic = b.topic("t");
+    topic.send(Message::new("early")).await.unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    topic.send(Message::new("late")).await.unwrap();
+    let sub = b.subscription("s");
+    let m = sub.receive().await.unwrap();
+    assert_eq!(m.body().as_ref(), b"late");
+    m.ack();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sub.receive())
+            .await
+            .is_err()
+    );
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn named_url_subscriptions_share_one_backlog() {
+    let a = open_subscription("mem://api-named?subscription=workers&ackdeadline=30s")
+        .await
+        .unwrap();
+    let b = open_subscription("mem://api-named?subscription=workers")
+        .await
+        .unwrap();
+    let topic = open_topic("mem://api-named").await.unwrap();
+    for i in 0..10 {
+        topic.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let m = tokio::select! {
+            m = a.receive() => m.unwrap(),
+            m = b.receive() => m.unwrap(),
+        };
+        got.push(m.body().clone());
+        m.ack();
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 10, "each message once across both handles");
+    for bad in [
+        "mem://api-named?ackdeadline=soon",
+        "mem://api-named?bogus=1",
+        "mem://",
+    ] {
+        let e = open_subscription(bad).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
+    }
+    topic.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn stream_and_concurrent_handlers() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    let sub = b.subscription("s");
+    for i in 0..20 {
+        topic.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let mut stream = Box::pin(sub.stream());
+    for _ in 0..5 {
+        stream.next().await.unwrap().unwrap().ack();
+    }
+
+    let handled = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let pool = {
+        let sub = sub.clone();
+        let (handled, running, peak) = (handled.clone(), running.clone(), peak.clone());
+        tokio::spawn(async move {
+            sub.handle_concurrently(3, move |m| {
+                let (handled, running, peak) = (handled.clone(), running.clone(), peak.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    m.ack();
+                }
+            })
+            .await
+        })
+    };
+    while handled.load(Ordering::SeqCst) < 15 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sub.shutdown().await.unwrap();
+    pool.await.unwrap().expect("ends with Ok on shutdown");
+    assert!(peak.load(Ordering::SeqCst) <= 3, "at most 3 at once");
+    assert!(stream.next().await.is_none(), "the stream ends on shutdown");
+    assert_eq!(sub.stats().acked, 20);
+    topic.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_received_message_cannot_be_resent_as_is() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    let sub = b.subscription("s");
+    topic.send(Message::new("forward me")).await.unwrap();
+    let m = sub.receive().await.unwrap();
+    topic
+        .send(m.clone())
+        .await
+        .expect("its content can be sent");
+    m.ack();
+    let copy = sub.receive().await.unwrap();
+    let e = topic.send(copy).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("clone"), "{e}");
+    // The refused delivery was nacked by the drop rule and comes back.
+    let again = tokio::time::timeout(WAIT, sub.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.body().as_ref(), b"forward me");
+    again.ack();
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn prefetched_messages_are_nacked_on_shutdown() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(300))
+        .unwrap();
+    let topic = b.topic("t");
+    for i in 0..50 {
+        topic.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let sub = b.subscription("s");
+    // Receive enough for the batch size to grow and prefetch to kick in.
+    for _ in 0..10 {
+        sub.receive().await.unwrap().ack();
+    }
+    sub.shutdown().await.unwrap();
+    // Everything not acked is available again at once, not after 300 s.
+    let again = b.subscription("s");
+    for _ in 0..40 {
+        tokio::time::timeout(WAIT, again.receive())
+            .await
+            .expect("prefetched messages were nacked")
+            .unwrap()
+            .ack();
+    }
+    again.shutdown().await.unwrap();
+    topic.shutdown().await.unwrap();
+}
