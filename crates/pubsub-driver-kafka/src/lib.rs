@@ -1,0 +1,254 @@
+//! Kafka driver for [`pubsub_core`], on rdkafka (librdkafka).
+//!
+//! URLs, as the Go CDK's Kafka driver takes them:
+//! - topic `kafka://TOPIC[?key_name=ATTR]`: with `key_name`, each message's
+//!   key is its `ATTR` attribute; otherwise its ordering key;
+//! - subscription `kafka://GROUP?topic=T[&topic=T2][&offset=oldest|newest]`:
+//!   a consumer in consumer group `GROUP`; `offset` says where a group with
+//!   no committed offsets starts (default `newest`).
+//!
+//! The brokers come from `KAFKA_BROKERS`; [`KafkaConfig`] takes them, any
+//! librdkafka setting (`session.timeout.ms`, SASL...) or an rdkafka
+//! `ClientConfig` directly.
+//!
+//! ```no_run
+//! # #[tokio::main]
+//! # async fn main() -> pubsub_core::Result<()> {
+//! use pubsub_core::{registry, Message};
+//!
+//! pubsub_driver_kafka::register(registry());
+//! let topic = pubsub_core::open_topic("kafka://orders").await?;
+//! topic.send(Message::new("order 1").with_ordering_key("customer-7")).await?;
+//!
+//! let sub = pubsub_core::open_subscription("kafka://billing?topic=orders&offset=oldest").await?;
+//! let msg = sub.receive().await?;
+//! msg.ack();
+//! # topic.shutdown().await?; sub.shutdown().await
+//! # }
+//! ```
+//!
+//! # Behaviour
+//! - `send` returns once the producer's delivery report came back
+//!   (`acks=all`). Attributes travel as headers; the key comes from
+//!   `key_name` or the ordering key, so messages with one ordering key go to
+//!   one partition, in order.
+//! - A topic that does not exist fails sends and receives with `NotFound`;
+//!   the driver checks metadata rather than relying on brokers that create
+//!   topics on first use.
+//! - Acks commit offsets, but only the contiguous acked prefix of each
+//!   partition: a later message acked before an earlier one never moves the
+//!   committed offset past the earlier one. Commits go out once per ack
+//!   batch, asynchronously, and synchronously on close and on revocation.
+//! - Nack works, unlike in the Go CDK (which panics): a nacked message is
+//!   handed out again soon by this consumer from a local queue, and its
+//!   offset is not committed until it is acked.
+//! - On a rebalance, revoked partitions' acked prefixes are committed and
+//!   their nacked messages dropped (their new owner reads them); acks of
+//!   deliveries from before the revocation are ignored.
+//! - Header values are read as UTF-8, invalid bytes replaced by U+FFFD; a
+//!   message's key becomes its ordering key.
+//! - Secrets in the settings never appear in errors, logs or `Debug`.
+//!
+//! # Escape hatches
+//! `Topic::as_raw::<rdkafka::producer::FutureProducer>()`,
+//! `Subscription::as_raw::<KafkaConsumer>()` (an rdkafka `StreamConsumer`),
+//! `Message::as_raw::<rdkafka::message::OwnedMessage>()`,
+//! `Error::source_as::<rdkafka::error::KafkaError>()`; a before-send hook
+//! gets a `&mut` [`OutgoingRecord`], an after-send hook the delivery
+//! (`rdkafka::producer::future_producer::Delivery`).
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod config;
+mod error;
+mod subscription;
+mod topic;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pubsub_core::driver::{BatchLimits, Capabilities};
+use pubsub_core::{
+    query_pairs, Error, Opener, Registry, Result, Subscription, SubscriptionOptions, Topic,
+    TopicOptions, Url,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::metadata::Metadata;
+use rdkafka::util::Timeout;
+
+pub use config::KafkaConfig;
+pub use rdkafka;
+pub use subscription::{
+    KafkaConsumer, KafkaContext, KafkaSubscription, StartOffset, SubscriptionConfig,
+};
+pub use topic::{KafkaTopic, OutgoingRecord, TopicConfig};
+
+/// The URL scheme of this driver.
+pub const SCHEME: &str = "kafka";
+
+pub(crate) const DRIVER: &str = "kafka";
+
+/// Kafka's default largest record (`message.max.bytes`).
+pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
+
+pub(crate) fn capabilities() -> Capabilities {
+    let mut c = Capabilities::default();
+    c.nack = true;
+    c.fan_out = true;
+    c.ordering_keys = true;
+    c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
+    // A delivery report takes a broker round trip: keep many batches in
+    // flight so a crowd of senders is not serialised behind one.
+    c.send_batching = BatchLimits::new(1000, 128);
+    // One commit at a time, so commits never overtake each other.
+    c.ack_batching = BatchLimits::new(10_000, 1);
+    c.max_receive_batch = 1000;
+    c.max_concurrent_receives = 1;
+    c
+}
+
+/// Checks with a metadata request, off the async threads, that `topic`
+/// exists. Listing all topics never asks the broker to create one.
+pub(crate) async fn topic_exists<F>(fetch: F, topic: String) -> Result<()>
+where
+    F: FnOnce(Timeout) -> KafkaResult<Metadata> + Send + 'static,
+{
+    let found = tokio::task::spawn_blocking(move || {
+        let md = fetch(Timeout::After(Duration::from_secs(10))).map_err(error::map)?;
+        Ok::<_, Error>(
+            md.topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+        )
+    })
+    .await
+    .map_err(|e| Error::internal(format!("metadata task failed: {e}")))??;
+    if found {
+        Ok(())
+    } else {
+        Err(Error::not_found("the Kafka topic does not exist").with_context("driver", DRIVER))
+    }
+}
+
+/// Opens a topic.
+pub fn open_topic(
+    settings: &KafkaConfig,
+    topic: &str,
+    config: TopicConfig,
+    options: TopicOptions,
+) -> Result<Topic> {
+    let driver = KafkaTopic::new(settings, topic, config)?;
+    Ok(Topic::with_options(Arc::new(driver), options))
+}
+
+/// Opens a subscription: a consumer in `group` for `topics`.
+pub fn open_subscription(
+    settings: &KafkaConfig,
+    group: &str,
+    topics: &[&str],
+    config: SubscriptionConfig,
+    options: SubscriptionOptions,
+) -> Result<Subscription> {
+    let driver = KafkaSubscription::new(settings, group, topics, config)?;
+    Ok(Subscription::with_options(Arc::new(driver), options))
+}
+
+/// Opens `kafka://` URLs with the brokers of `KAFKA_BROKERS`, or of the
+/// settings it was made with.
+#[derive(Debug, Default)]
+pub struct KafkaOpener {
+    settings: Option<KafkaConfig>,
+}
+
+impl KafkaOpener {
+    /// An opener using these settings instead of `KAFKA_BROKERS`.
+    pub fn with_settings(settings: KafkaConfig) -> Self {
+        KafkaOpener {
+            settings: Some(settings),
+        }
+    }
+
+    fn settings(&self) -> Result<KafkaConfig> {
+        match &self.settings {
+            Some(s) => Ok(s.clone()),
+            None => KafkaConfig::from_env(),
+        }
+    }
+}
+
+fn name_of(url: &Url, what: &str) -> Result<String> {
+    let name = format!("{}{}", url.host_str().unwrap_or(""), url.path());
+    let name = name.trim_end_matches('/').to_owned();
+    if name.is_empty() {
+        return Err(Error::invalid_argument(format!(
+            "a kafka:// URL needs {what}, as in kafka://orders"
+        )));
+    }
+    Ok(name)
+}
+
+#[async_trait]
+impl Opener for KafkaOpener {
+    async fn open_topic(&self, url: &Url) -> Result<Topic> {
+        let topic = name_of(url, "a topic name")?;
+        let mut config = TopicConfig::default();
+        for (k, v) in query_pairs(url) {
+            match k.as_str() {
+                "key_name" => config.key_name = Some(v),
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "unknown kafka:// topic URL parameter {k:?}; known: key_name"
+                    )))
+                }
+            }
+        }
+        open_topic(&self.settings()?, &topic, config, TopicOptions::default())
+    }
+
+    async fn open_subscription(&self, url: &Url) -> Result<Subscription> {
+        let group = name_of(url, "a consumer group")?;
+        let mut topics = Vec::new();
+        let mut config = SubscriptionConfig::default();
+        for (k, v) in query_pairs(url) {
+            match (k.as_str(), v.as_str()) {
+                ("topic", _) => topics.push(v),
+                ("offset", "oldest") => config.offset = StartOffset::Oldest,
+                ("offset", "newest") => config.offset = StartOffset::Newest,
+                ("offset", _) => {
+                    return Err(Error::invalid_argument(format!(
+                        "offset must be oldest or newest, not {v:?}"
+                    )))
+                }
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "unknown kafka:// subscription URL parameter {k:?}; known: topic, offset"
+                    )))
+                }
+            }
+        }
+        if topics.is_empty() {
+            return Err(Error::invalid_argument(
+                "a kafka:// subscription URL needs at least one topic=NAME",
+            ));
+        }
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        open_subscription(
+            &self.settings()?,
+            &group,
+            &topics,
+            config,
+            SubscriptionOptions::default(),
+        )
+    }
+}
+
+/// Registers `kafka://` with `registry`, using `KAFKA_BROKERS`.
+pub fn register(registry: &Registry) {
+    registry.register(SCHEME, KafkaOpener::default());
+}
