@@ -22,6 +22,12 @@ use tokio::sync::Notify;
 
 use crate::{capabilities, error, topic_exists, KafkaConfig, DRIVER};
 
+/// How often closing retries a commit refused by a rebalance.
+const CLOSE_COMMIT_ATTEMPTS: u32 = 25;
+
+/// How long closing waits for the consumer to leave its group.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
+
 /// How long one `receive_batch` waits for a first message.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -372,6 +378,20 @@ impl KafkaSubscription {
         out
     }
 
+    /// The commit position of every partition this consumer holds.
+    fn final_positions(&self) -> TopicPartitionList {
+        let mut t = lock(&self.tracker);
+        let keys: Vec<_> = t.parts.keys().cloned().collect();
+        let _ = t.positions(keys.iter());
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), part) in &t.parts {
+            if part.committed >= 0 {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(part.committed));
+            }
+        }
+        tpl
+    }
+
     fn commit(&self, tpl: &TopicPartitionList, mode: CommitMode) -> Result<()> {
         if tpl.count() == 0 {
             return Ok(());
@@ -501,33 +521,40 @@ impl driver::Subscription for KafkaSubscription {
             return Ok(());
         }
         // Everything acked is committed synchronously before leaving, in
-        // case an earlier asynchronous commit did not land.
-        let tpl = {
-            let mut t = lock(&self.tracker);
-            let keys: Vec<_> = t.parts.keys().cloned().collect();
-            let _ = t.positions(keys.iter());
-            let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), part) in &t.parts {
-                if part.committed >= 0 {
-                    let _ =
-                        tpl.add_partition_offset(topic, *partition, Offset::Offset(part.committed));
-                }
+        // case an earlier asynchronous commit did not land. A rebalance in
+        // progress refuses commits until the consumer is polled through it
+        // (its revocation then commits for us), so poll and try again.
+        let mut attempt = 0;
+        let committed = loop {
+            let tpl = self.final_positions();
+            if tpl.count() == 0 {
+                break Ok(());
             }
-            tpl
+            let consumer = self.consumer.clone();
+            let r = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                .await
+                .map_err(|e| Error::internal(format!("close task failed: {e}")))?
+                .map_err(error::map);
+            match r {
+                Err(e) if e.is_temporary() && attempt < CLOSE_COMMIT_ATTEMPTS => {
+                    attempt += 1;
+                    let _ = tokio::time::timeout(Duration::from_millis(200), self.consumer.recv())
+                        .await;
+                }
+                other => break other,
+            }
         };
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = if tpl.count() > 0 {
-                consumer.commit(&tpl, CommitMode::Sync)
-            } else {
-                Ok(())
-            };
-            consumer.unsubscribe();
-            r
-        })
-        .await
-        .map_err(|e| Error::internal(format!("close task failed: {e}")))?
-        .map_err(error::map)
+        self.consumer.unsubscribe();
+        // Leaving the group completes only while the consumer is polled;
+        // without this the group waits a whole session timeout before the
+        // partitions go to the other members.
+        let deadline = tokio::time::Instant::now() + LEAVE_WAIT;
+        while self.consumer.assignment().is_ok_and(|a| a.count() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
+        }
+        committed
     }
 
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {

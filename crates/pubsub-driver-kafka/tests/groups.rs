@@ -1,0 +1,266 @@
+//! Consumer-group behaviour on both brokers: offsets committed only for the
+//! contiguously acked prefix survive a restart, and two consumers in one
+//! group split the partitions.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::Kafka;
+use pubsub_core::{Message, Subscription, SubscriptionOptions, Topic, TopicOptions};
+use pubsub_driver_kafka::rdkafka::consumer::Consumer;
+use pubsub_driver_kafka::rdkafka::message::OwnedMessage;
+use pubsub_driver_kafka::rdkafka::Message as _;
+use pubsub_driver_kafka::{
+    open_subscription, open_topic, KafkaConsumer, StartOffset, SubscriptionConfig, TopicConfig,
+};
+
+fn unique(what: &str) -> String {
+    format!("groups-{what}-{:08x}", fastrand::u32(..))
+}
+
+async fn topic_with(k: &Kafka, name: &str, partitions: i32) -> Topic {
+    k.create_topic_with(name, partitions)
+        .await
+        .expect("create topic");
+    open_topic(
+        &k.settings,
+        name,
+        TopicConfig::default(),
+        TopicOptions::default(),
+    )
+    .unwrap()
+}
+
+fn subscription(k: &Kafka, group: &str, topic: &str) -> Subscription {
+    open_subscription(
+        &k.settings,
+        group,
+        &[topic],
+        SubscriptionConfig::default().with_offset(StartOffset::Oldest),
+        SubscriptionOptions::default(),
+    )
+    .unwrap()
+}
+
+fn place(m: &Message) -> (i32, i64) {
+    let raw = m.as_raw::<OwnedMessage>().expect("raw message");
+    (raw.partition(), raw.offset())
+}
+
+async fn send_all(topic: &Topic, n: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..10 {
+        let t = topic.clone();
+        tasks.spawn(async move {
+            for i in (s..n).step_by(10) {
+                t.send(Message::new(format!("{i}"))).await.expect("send");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+}
+
+/// A consumer acks most of 10,000 messages, out of order and with gaps, and
+/// shuts down; a new consumer in the same group gets every unacked message
+/// again and none of the contiguously acked ones.
+async fn restart_resumes_after_the_acked_prefix(k: Kafka) {
+    let n = 10_000;
+    let name = unique("restart");
+    let topic = topic_with(&k, &name, 3).await;
+    send_all(&topic, n).await;
+    topic.shutdown().await.unwrap();
+
+    let group = format!("{name}-group");
+    let first = subscription(&k, &group, &name);
+    let mut received = Vec::with_capacity(n);
+    while received.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), first.receive())
+            .await
+            .expect("all messages arrive")
+            .expect("receive");
+        received.push(m);
+    }
+    // Per partition, ack the first 60% of offsets, then every other one
+    // after a gap; and ack all of them in shuffled order.
+    let mut by_part: BTreeMap<i32, Vec<Message>> = BTreeMap::new();
+    for m in received {
+        by_part.entry(place(&m).0).or_default().push(m);
+    }
+    let mut acked: HashMap<(i32, i64), bool> = HashMap::new();
+    let mut to_ack = Vec::new();
+    let mut held = Vec::new();
+    for (_, mut msgs) in by_part {
+        msgs.sort_by_key(|m| place(m).1);
+        let cut = msgs.len() * 6 / 10;
+        for (i, m) in msgs.into_iter().enumerate() {
+            let ack = i < cut || (i - cut) % 2 == 1;
+            acked.insert(place(&m), ack);
+            if ack {
+                to_ack.push(m);
+            } else {
+                held.push(m);
+            }
+        }
+    }
+    fastrand::shuffle(&mut to_ack);
+    for m in to_ack {
+        m.ack();
+    }
+    first
+        .shutdown()
+        .await
+        .expect("shutdown commits the acked prefix");
+    // Dropped after shutdown: nothing is settled, as after a crash.
+    drop(held);
+
+    // Per partition, offsets up to the first unacked one were acked in a
+    // contiguous run: those must never come back.
+    let mut by_partition: BTreeMap<i32, Vec<(i64, bool)>> = BTreeMap::new();
+    for (&(p, o), &a) in &acked {
+        by_partition.entry(p).or_default().push((o, a));
+    }
+    let mut prefix = HashSet::new();
+    let mut unacked = HashSet::new();
+    for (p, mut offsets) in by_partition {
+        offsets.sort_unstable();
+        let mut in_prefix = true;
+        for (o, a) in offsets {
+            in_prefix &= a;
+            if in_prefix {
+                prefix.insert((p, o));
+            }
+            if !a {
+                unacked.insert((p, o));
+            }
+        }
+    }
+
+    let second = subscription(&k, &group, &name);
+    let mut again = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !unacked.is_subset(&again) {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} unacked messages came back",
+            unacked.intersection(&again).count(),
+            unacked.len()
+        );
+        if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), second.receive()).await {
+            let m = r.expect("receive");
+            let at = place(&m);
+            assert!(
+                !prefix.contains(&at),
+                "message at {at:?} was in the contiguously acked prefix, yet came back"
+            );
+            again.insert(at);
+            m.ack();
+        }
+    }
+    println!(
+        "restart: {} acked in the prefix, {} unacked all redelivered, {} acked-but-after-a-gap redelivered too",
+        prefix.len(),
+        unacked.len(),
+        again.len() - unacked.len()
+    );
+    second.shutdown().await.unwrap();
+}
+
+/// Two subscriptions in one group split the partitions and together get
+/// every message.
+async fn two_consumers_split_the_partitions(k: Kafka) {
+    let n = 2_000;
+    let name = unique("split");
+    let topic = topic_with(&k, &name, 4).await;
+    let group = format!("{name}-group");
+    let subs = [
+        subscription(&k, &group, &name),
+        subscription(&k, &group, &name),
+    ];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (i, sub) in subs.iter().enumerate() {
+        let sub = sub.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(m) = sub.receive().await {
+                let _ = tx.send((i, m.body().clone(), place(&m).0));
+                m.ack();
+            }
+        }));
+    }
+    // Both must have joined and hold partitions before anything is sent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts: Vec<usize> = subs
+            .iter()
+            .map(|s| {
+                s.as_raw::<KafkaConsumer>()
+                    .and_then(|c| c.assignment().ok())
+                    .map_or(0, |a| a.count())
+            })
+            .collect();
+        if counts.iter().all(|&c| c > 0) && counts.iter().sum::<usize>() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never settled: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    send_all(&topic, n).await;
+    let mut seen = HashSet::new();
+    let mut per_consumer = [0usize; 2];
+    let mut partitions = [HashSet::new(), HashSet::new()];
+    while seen.len() < n {
+        let (i, body, p) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("every message arrives")
+            .unwrap();
+        seen.insert(body);
+        per_consumer[i] += 1;
+        partitions[i].insert(p);
+    }
+    println!("split: consumers got {per_consumer:?} messages from partitions {partitions:?}");
+    assert!(
+        per_consumer.iter().all(|&c| c > 0),
+        "both consumers worked: {per_consumer:?}"
+    );
+    assert!(
+        partitions[0].is_disjoint(&partitions[1]),
+        "a partition belongs to one consumer: {partitions:?}"
+    );
+    for s in &subs {
+        s.shutdown().await.unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    topic.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_restart_resumes_after_the_acked_prefix() {
+    restart_resumes_after_the_acked_prefix(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_restart_resumes_after_the_acked_prefix() {
+    restart_resumes_after_the_acked_prefix(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_two_consumers_split_the_partitions() {
+    two_consumers_split_the_partitions(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_two_consumers_split_the_partitions() {
+    two_consumers_split_the_partitions(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
+        .await;
+}
