@@ -1,1 +1,277 @@
-fn main() {}
+//! The driver against raw rdkafka doing the same work in the same run, on
+//! the broker at `KAFKA_BROKERS` (default: tansu on 127.0.0.1:9092, started
+//! by `scripts/backends up`):
+//! - sends of 100-byte messages by 1, 10 and 100 concurrent senders, each
+//!   awaiting its delivery report; the raw `FutureProducer` runs with every
+//!   `linger.ms` in `LINGERS` and keeps its best, the driver with its one
+//!   default;
+//! - receive + ack of a backlog: the raw `StreamConsumer` stores each
+//!   offset and lets librdkafka auto-commit; the driver acks each message.
+//!
+//! `cargo bench -p pubsub-driver-kafka --bench kafka [-- sends|receive]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pubsub_core::{Message, SubscriptionOptions, TopicOptions};
+use pubsub_driver_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use pubsub_driver_kafka::rdkafka::client::DefaultClientContext;
+use pubsub_driver_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use pubsub_driver_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use pubsub_driver_kafka::rdkafka::util::Timeout;
+use pubsub_driver_kafka::rdkafka::{ClientConfig, Message as _};
+use pubsub_driver_kafka::{
+    open_subscription, open_topic, KafkaConfig, StartOffset, SubscriptionConfig, TopicConfig,
+};
+
+const BODY: usize = 100;
+const LINGERS: [&str; 2] = ["0", "5"];
+const BACKLOG: usize = 50_000;
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+fn unique(what: &str) -> String {
+    format!("bench-{what}-{:08x}", fastrand::u32(..))
+}
+
+async fn create(name: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let t = NewTopic::new(name, 3, TopicReplication::Fixed(1));
+    for r in admin
+        .create_topics([&t], &AdminOptions::new())
+        .await
+        .expect("a Kafka-protocol broker must be running: scripts/backends up")
+    {
+        r.expect("topic created");
+    }
+}
+
+async fn raw_sends(topic: &str, senders: usize, total: usize, linger: &str) -> f64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", linger)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let per = total / senders;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..senders {
+        let p = producer.clone();
+        let topic = topic.to_owned();
+        tasks.spawn(async move {
+            let body = vec![b'x'; BODY];
+            for _ in 0..per {
+                let rec: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).payload(&body[..]);
+                p.send(rec, Timeout::Never).await.expect("delivered");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    (per * senders) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn driver_sends(settings: &KafkaConfig, topic: &str, senders: usize, total: usize) -> f64 {
+    let t = Arc::new(
+        open_topic(
+            settings,
+            topic,
+            TopicConfig::default(),
+            TopicOptions::default(),
+        )
+        .unwrap(),
+    );
+    // The first send checks the topic's existence once; keep it out of the
+    // measurement as a long-running service would.
+    t.send(Message::new(vec![b'x'; BODY])).await.unwrap();
+    let per = total / senders;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..senders {
+        let t = t.clone();
+        tasks.spawn(async move {
+            let body = bytes::Bytes::from(vec![b'x'; BODY]);
+            for _ in 0..per {
+                t.send(Message::new(body.clone())).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let rate = (per * senders) as f64 / started.elapsed().as_secs_f64();
+    t.shutdown().await.unwrap();
+    rate
+}
+
+async fn sends() {
+    let settings = KafkaConfig::new(&brokers());
+    println!("\nSends, {BODY}-byte bodies, each sender awaiting its delivery report");
+    println!("| senders | raw rdkafka msg/s (best linger.ms) | pubsub msg/s | ratio |");
+    println!("|---:|---:|---:|---:|");
+    for (senders, total) in [(1, 3_000), (10, 20_000), (100, 100_000)] {
+        // A fresh topic a run, so no side pays for the broker's growing log;
+        // two rounds, alternating sides, each keeping its best.
+        let (mut best_raw, mut best_linger, mut lib) = (0f64, "", 0f64);
+        for _ in 0..2 {
+            for linger in LINGERS {
+                let topic = unique("sends");
+                create(&topic).await;
+                let _ = raw_sends(&topic, senders, total / 10, linger).await;
+                let r = raw_sends(&topic, senders, total, linger).await;
+                if r > best_raw {
+                    (best_raw, best_linger) = (r, linger);
+                }
+            }
+            let topic = unique("sends");
+            create(&topic).await;
+            let _ = driver_sends(&settings, &topic, senders, total / 10).await;
+            lib = lib.max(driver_sends(&settings, &topic, senders, total).await);
+        }
+        println!(
+            "| {senders:>3} | {best_raw:>9.0} (linger {best_linger}) | {lib:>9.0} | {:.2} |",
+            lib / best_raw
+        );
+    }
+}
+
+async fn fill(topic: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let body = vec![b'x'; BODY];
+    let mut pending = Vec::with_capacity(BACKLOG);
+    for _ in 0..BACKLOG {
+        let rec: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&body[..]);
+        pending.push(producer.send_result(rec).map_err(|(e, _)| e).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+}
+
+fn consumer_config(group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000");
+    c
+}
+
+/// Time from the first message to the last, so the group join is excluded.
+async fn raw_receive(topic: &str) -> f64 {
+    let consumer: StreamConsumer = consumer_config(&unique("raw"))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut started = None;
+    for _ in 0..BACKLOG {
+        let m = consumer.recv().await.unwrap();
+        started.get_or_insert_with(Instant::now);
+        consumer
+            .store_offset(m.topic(), m.partition(), m.offset() + 1)
+            .unwrap();
+    }
+    BACKLOG as f64 / started.unwrap().elapsed().as_secs_f64()
+}
+
+async fn driver_receive(settings: &KafkaConfig, topic: &str) -> f64 {
+    let sub = open_subscription(
+        settings,
+        &unique("lib"),
+        &[topic],
+        SubscriptionConfig::default().with_offset(StartOffset::Oldest),
+        SubscriptionOptions::default(),
+    )
+    .unwrap();
+    let mut started = None;
+    for _ in 0..BACKLOG {
+        let m = sub.receive().await.unwrap();
+        started.get_or_insert_with(Instant::now);
+        m.ack();
+    }
+    let rate = BACKLOG as f64 / started.unwrap().elapsed().as_secs_f64();
+    sub.shutdown().await.unwrap();
+    rate
+}
+
+/// The driver alone, without the core: batches straight from
+/// `receive_batch`, acked with `send_acks`. Shows where the time goes.
+async fn driver_only_receive(settings: &KafkaConfig, topic: &str) -> f64 {
+    use pubsub_core::driver::Subscription as _;
+    let d = pubsub_driver_kafka::KafkaSubscription::new(
+        settings,
+        &unique("drv"),
+        &[topic],
+        SubscriptionConfig::default().with_offset(StartOffset::Oldest),
+    )
+    .unwrap();
+    let mut started = None;
+    let mut n = 0;
+    while n < BACKLOG {
+        let batch = d.receive_batch(1000).await.unwrap();
+        if batch.is_empty() {
+            continue;
+        }
+        started.get_or_insert_with(Instant::now);
+        n += batch.len();
+        let ids: Vec<_> = batch.into_iter().map(|m| m.ack_id).collect();
+        d.send_acks(&ids).await.unwrap();
+    }
+    let rate = BACKLOG as f64 / started.unwrap().elapsed().as_secs_f64();
+    d.close().await.unwrap();
+    rate
+}
+
+async fn receive() {
+    let topic = unique("receive");
+    create(&topic).await;
+    fill(&topic).await;
+    let settings = KafkaConfig::new(&brokers()).set("session.timeout.ms", "6000");
+    let (mut raw, mut lib) = (0f64, 0f64);
+    for _ in 0..2 {
+        raw = raw.max(raw_receive(&topic).await);
+        lib = lib.max(driver_receive(&settings, &topic).await);
+    }
+    println!("\nReceive + ack of a {BACKLOG}-message backlog, one consumer, new group each run");
+    println!("| raw rdkafka msg/s | pubsub msg/s | ratio |");
+    println!("|---:|---:|---:|");
+    println!("| {raw:>9.0} | {lib:>9.0} | {:.2} |", lib / raw);
+    if std::env::args().any(|a| a == "driver-only") {
+        let d = driver_only_receive(&settings, &topic).await;
+        println!("driver alone (no core): {d:.0} msg/s");
+    }
+}
+
+fn main() {
+    let what: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |w: &str| what.is_empty() || what.iter().any(|a| a == w);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        if want("sends") {
+            sends().await;
+        }
+        if want("receive") {
+            receive().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+}

@@ -17,7 +17,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedMessage};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Timestamp, TopicPartitionList};
 use tokio::sync::Notify;
 
 use crate::{capabilities, error, topic_exists, KafkaConfig, DRIVER};
@@ -77,7 +77,7 @@ struct Copy {
     body: Bytes,
     attributes: Attributes,
     key: Option<String>,
-    raw: Arc<OwnedMessage>,
+    timestamp: Timestamp,
 }
 
 struct Pending {
@@ -233,10 +233,14 @@ impl fmt::Debug for KafkaContext {
 /// [`pubsub_core::Subscription::as_raw`] gives it.
 pub type KafkaConsumer = StreamConsumer<KafkaContext>;
 
-/// Consumer defaults: offsets are committed only by this driver, for the
-/// acked prefix; topics are never created by subscribing.
+/// Consumer defaults: the driver stores the offset of each partition's
+/// acked prefix, and only that, and librdkafka commits what is stored once a
+/// second (and the driver synchronously on close and revocation): commits
+/// are batched without a commit request per ack batch. Topics are never
+/// created by subscribing.
 pub(crate) const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
-    ("enable.auto.commit", "false"),
+    ("enable.auto.commit", "true"),
+    ("auto.commit.interval.ms", "1000"),
     ("enable.auto.offset.store", "false"),
     ("allow.auto.create.topics", "false"),
     ("enable.partition.eof", "false"),
@@ -245,8 +249,9 @@ pub(crate) const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// The Kafka subscription driver: one consumer in a consumer group.
 ///
 /// [`pubsub_core::Subscription::as_raw`] gives the [`KafkaConsumer`]; [`pubsub_core::Message::as_raw`] an
-/// `rdkafka::message::OwnedMessage` with its key, headers, partition and
-/// offset (the payload is moved into the message body).
+/// `rdkafka::message::OwnedMessage` with its topic, partition, offset,
+/// timestamp and key (the payload is the message body and the headers its
+/// attributes, so neither is copied again).
 pub struct KafkaSubscription {
     consumer: Arc<KafkaConsumer>,
     group: String,
@@ -342,22 +347,13 @@ impl KafkaSubscription {
                 }
             }
             let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-            let raw = Arc::new(OwnedMessage::new(
-                None,
-                m.key().map(<[u8]>::to_vec),
-                m.topic().to_owned(),
-                m.timestamp(),
-                m.partition(),
-                m.offset(),
-                m.headers().map(|h| h.detach()),
-            ));
             let (part, topic) = t.part(m.topic(), m.partition());
             part.high = part.high.max(m.offset() + 1);
             let copy = Copy {
                 body,
                 attributes,
                 key,
-                raw,
+                timestamp: m.timestamp(),
             };
             part.pending.insert(
                 m.offset(),
@@ -391,21 +387,23 @@ impl KafkaSubscription {
         }
         tpl
     }
-
-    fn commit(&self, tpl: &TopicPartitionList, mode: CommitMode) -> Result<()> {
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        self.consumer.commit(tpl, mode).map_err(error::map)
-    }
 }
 
 fn to_received(a: KafkaAck, c: Copy, attempt: u32) -> ReceivedMessage {
     let id = format!("{}/{}/{}", a.topic, a.partition, a.offset);
-    let mut m = ReceivedMessage::new(c.body, c.attributes, id, AckId::new(a));
-    m.ordering_key = c.key;
+    let mut m = ReceivedMessage::new(c.body, c.attributes, id, AckId::new(a.clone()));
+    m.ordering_key = c.key.clone();
     m.delivery_attempt = Some(attempt);
-    m.raw = Some(Box::new(OwnedMessage::clone(&c.raw)));
+    // Headers are the attributes already; the raw record carries the rest.
+    m.raw = Some(Box::new(OwnedMessage::new(
+        None,
+        c.key.map(String::into_bytes),
+        a.topic.to_string(),
+        c.timestamp,
+        a.partition,
+        a.offset,
+        None,
+    )));
     m
 }
 
@@ -491,10 +489,16 @@ impl driver::Subscription for KafkaSubscription {
             touched.dedup();
             t.positions(touched.iter())
         };
-        // Asynchronous: a later commit carries a higher offset anyway, and
-        // close and revocation commit synchronously.
-        self.commit(&tpl, CommitMode::Async)
-            .map_err(BatchError::All)
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        // A local call: the next auto-commit sends it.
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // Partitions revoked meanwhile cannot be stored; their new owner
+            // starts from what revocation committed.
+            tracing::debug!(error = %e, "storing acked offsets failed");
+        }
+        Ok(())
     }
 
     async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
