@@ -65,7 +65,7 @@ async fn raw_sends(topic: &str, senders: usize, total: usize, linger: &str) -> f
         let p = producer.clone();
         let topic = topic.to_owned();
         tasks.spawn(async move {
-            let body = vec![b'x'; BODY];
+            let body = [b'x'; BODY];
             for _ in 0..per {
                 let rec: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).payload(&body[..]);
                 p.send(rec, Timeout::Never).await.expect("delivered");
@@ -148,7 +148,7 @@ async fn fill(topic: &str) {
         .set("linger.ms", "5")
         .create()
         .unwrap();
-    let body = vec![b'x'; BODY];
+    let body = [b'x'; BODY];
     let mut pending = Vec::with_capacity(BACKLOG);
     for _ in 0..BACKLOG {
         let rec: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&body[..]);
