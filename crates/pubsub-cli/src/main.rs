@@ -92,6 +92,8 @@ fn registry() -> Registry {
     let registry = Registry::with_defaults();
     #[cfg(feature = "amqp")]
     pubsub_driver_amqp::register(&registry);
+    #[cfg(feature = "kafka")]
+    pubsub_driver_kafka::register(&registry);
     registry
 }
 

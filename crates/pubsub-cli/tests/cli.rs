@@ -69,7 +69,10 @@ fn unknown_scheme_fails_with_the_registered_ones() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
-    assert!(err.contains("registered schemes: mem, rabbit"), "{err}");
+    assert!(
+        err.contains("registered schemes: kafka, mem, rabbit"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -166,4 +169,65 @@ fn rabbit_send_then_receive_json() {
     assert_eq!(line["body"], "hi there");
     assert_eq!(line["attributes"]["k"], "v");
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+/// A round trip through the Kafka-protocol broker: the CLI sends, then a
+/// new consumer group reads from the oldest offset.
+#[cfg(feature = "kafka")]
+#[test]
+fn kafka_send_then_receive_json() {
+    use pubsub_driver_kafka::rdkafka::admin::{
+        AdminClient, AdminOptions, NewTopic, TopicReplication,
+    };
+    use pubsub_driver_kafka::rdkafka::client::DefaultClientContext;
+    use pubsub_driver_kafka::rdkafka::ClientConfig;
+
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
+    let topic = format!("cli-{:08x}", std::process::id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let t = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
+        for r in admin
+            .create_topics([&t], &AdminOptions::new())
+            .await
+            .expect("a Kafka-protocol broker must be running: scripts/backends up")
+        {
+            r.unwrap();
+        }
+    });
+    pubsub()
+        .env("KAFKA_BROKERS", &brokers)
+        .args([
+            "send",
+            &format!("kafka://{topic}"),
+            "--attr",
+            "k=v",
+            "hi kafka",
+        ])
+        .assert()
+        .success();
+    let out = pubsub()
+        .env("KAFKA_BROKERS", &brokers)
+        .args([
+            "receive",
+            &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
+            "--count",
+            "1",
+            "--json",
+        ])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["body"], "hi kafka");
+    assert_eq!(line["attributes"]["k"], "v");
 }
