@@ -69,7 +69,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::{Attributes, Message};
 pub use options::{BatchOptions, SubscriptionOptions, TopicOptions};
 pub use registry::{
-    open_subscription, open_topic, query_pairs, redact_url, registry, Opener, Registry,
+    open_subscription, open_topic, query_pairs, redact_url, registry, resource_name, Opener,
+    Registry,
 };
 pub use retry::RetryPolicy;
 pub use subscription::{Subscription, SubscriptionStats};

@@ -712,36 +712,9 @@ impl Opener for MemOpener {
 }
 
 fn name_of(url: &url::Url) -> Result<String> {
-    let host = url.host_str().unwrap_or("");
-    let name = format!("{host}{}", url.path());
-    let name = percent_decode(name.trim_end_matches('/'));
-    if name.is_empty() {
-        return Err(Error::invalid_argument(
-            "a mem:// URL needs a topic name, as in mem://orders",
-        ));
-    }
-    Ok(name)
-}
-
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::registry::resource_name(url).ok_or_else(|| {
+        Error::invalid_argument("a mem:// URL needs a topic name, as in mem://orders")
+    })
 }
 
 /// Parses a Go-style duration such as `30s`, `1m30s`, `500ms` or `2h`.
@@ -793,12 +766,5 @@ mod tests {
         for bad in ["", "10", "s", "10x", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
         }
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b"), "a b");
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("%41"), "A");
     }
 }

@@ -139,6 +139,36 @@ pub fn query_pairs(url: &Url) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The resource a URL names: its host and path, without a trailing slash,
+/// percent-decoded (`rabbit://orders` names `orders`, `mem://a%20b` names
+/// `a b`); `None` when empty.
+pub fn resource_name(url: &Url) -> Option<String> {
+    let raw = format!("{}{}", url.host_str().unwrap_or(""), url.path());
+    let name = percent_decode(raw.trim_end_matches('/'));
+    (!name.is_empty()).then_some(name)
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `url` with any password replaced by `***`, fit for errors and logs.
 pub fn redact_url(url: &Url) -> String {
     let mut u = url.clone();
@@ -151,6 +181,15 @@ pub fn redact_url(url: &Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_names() {
+        let name = |u: &str| resource_name(&Url::parse(u).unwrap());
+        assert_eq!(name("rabbit://orders").as_deref(), Some("orders"));
+        assert_eq!(name("mem://a%20b/c/").as_deref(), Some("a b/c"));
+        assert_eq!(name("mem://%41%2").as_deref(), Some("A%2"));
+        assert_eq!(name("kafka://"), None);
+    }
 
     #[test]
     fn redacts_passwords() {

@@ -183,14 +183,9 @@ impl KafkaOpener {
 }
 
 fn name_of(url: &Url, what: &str) -> Result<String> {
-    let name = format!("{}{}", url.host_str().unwrap_or(""), url.path());
-    let name = name.trim_end_matches('/').to_owned();
-    if name.is_empty() {
-        return Err(Error::invalid_argument(format!(
-            "a kafka:// URL needs {what}, as in kafka://orders"
-        )));
-    }
-    Ok(name)
+    pubsub_core::resource_name(url).ok_or_else(|| {
+        Error::invalid_argument(format!("a kafka:// URL needs {what}, as in kafka://orders"))
+    })
 }
 
 #[async_trait]
