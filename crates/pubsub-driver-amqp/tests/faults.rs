@@ -102,7 +102,8 @@ impl Run {
                         Err(e) => eprintln!("send {body} failed: {e}"),
                     }
                     sent.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    // Paced, so the faults land while sending even when rabbitmqctl is slow.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             });
         }
