@@ -620,6 +620,7 @@ impl Shared {
                 resource = d.resource(),
                 max
             );
+            let asked = Instant::now();
             let got = tokio::select! {
                 r = d.receive_batch(max).instrument(span) => r,
                 _ = stop.wait_for(|s| *s) => break,
@@ -632,28 +633,42 @@ impl Shared {
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     let batch: Vec<_> = batch.into_iter().zip(base..).collect();
                     self.leases.hold(&batch, now);
-                    let mut st = lock(&self.state);
-                    let empty = batch.is_empty();
-                    st.queue.extend(batch);
-                    if empty
-                        && self.waiting.load(Ordering::Acquire) > 0
-                        && !self.shut_down.load(Ordering::Acquire)
-                    {
-                        // Receivers are still waiting: ask again at once.
+                    let ask_again = {
+                        let mut st = lock(&self.state);
+                        let empty = batch.is_empty();
+                        st.queue.extend(batch);
+                        if empty
+                            && self.waiting.load(Ordering::Acquire) > 0
+                            && !self.shut_down.load(Ordering::Acquire)
+                        {
+                            true
+                        } else {
+                            guard.1 = false;
+                            st.fetches -= 1;
+                            // Receivers that found an empty queue and no
+                            // fetch to wait on would otherwise sleep forever.
+                            if st.fetches == 0
+                                && st.queue.is_empty()
+                                && self.waiting.load(Ordering::Acquire) > 0
+                            {
+                                self.maybe_fetch(&mut st);
+                            }
+                            false
+                        }
+                    };
+                    if ask_again {
+                        // Receivers are still waiting: ask again. A driver
+                        // that answers "nothing" at once instead of long-
+                        // polling is asked at a modest pace, not in a spin.
                         attempt = 0;
+                        if asked.elapsed() < Duration::from_millis(1) {
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                                _ = stop.wait_for(|s| *s) => break,
+                            }
+                        }
                         continue;
                     }
-                    guard.1 = false;
-                    st.fetches -= 1;
-                    // Receivers that found an empty queue and no fetch to
-                    // wait on would otherwise sleep forever.
-                    if st.fetches == 0
-                        && st.queue.is_empty()
-                        && self.waiting.load(Ordering::Acquire) > 0
-                    {
-                        self.maybe_fetch(&mut st);
-                    }
-                    drop(st);
                     self.ready.notify_waiters();
                     self.fetch_done.notify_waiters();
                     return;
@@ -894,6 +909,41 @@ mod tests {
             ErrorKind::PermissionDenied,
             "shutdown reports it too"
         );
+    }
+
+    /// A fake driver that answers "nothing" at once, and counts the asks.
+    #[derive(Debug, Default)]
+    struct NeverWaits(std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl driver::Subscription for NeverWaits {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+        fn resource(&self) -> &str {
+            "never-waits"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_driver_that_never_waits_is_not_asked_in_a_spin() {
+        let d = Arc::new(NeverWaits::default());
+        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let r = tokio::time::timeout(Duration::from_millis(300), sub.receive()).await;
+        assert!(r.is_err());
+        let asks = d.0.load(Ordering::SeqCst);
+        assert!(asks <= 40, "asked {asks} times in 300 ms");
+        sub.shutdown().await.unwrap();
     }
 
     #[test]
