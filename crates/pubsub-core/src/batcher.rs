@@ -61,7 +61,7 @@ struct Inner<T> {
 struct State<T> {
     pending: VecDeque<Entry<T>>,
     active: usize,
-    /// Set by `flush`/`shutdown`: send what waits even below the minimum.
+    /// Set by `shutdown`: send what waits even below the minimum.
     flushing: bool,
     closed: bool,
 }
@@ -217,44 +217,24 @@ impl<T: Send + 'static> Batcher<T> {
         }
     }
 
-    /// Sends everything queued, even below the minimum batch size, and
-    /// waits until no call is in flight. Later items still batch normally.
-    #[allow(dead_code)]
-    pub(crate) async fn flush(&self) {
-        self.drain(false).await;
-    }
-
-    /// Refuses new items, sends everything queued and waits for it.
+    /// Refuses new items, sends everything queued (even below the minimum
+    /// batch size) and waits until no call is in flight.
     pub(crate) async fn shutdown(&self) {
-        self.drain(true).await;
-    }
-
-    async fn drain(&self, close: bool) {
         loop {
             let idle = self.inner.idle.notified();
             tokio::pin!(idle);
             {
                 let mut st = self.inner.lock();
-                if close {
-                    st.closed = true;
-                }
+                st.closed = true;
                 st.flushing = true;
                 self.start_handlers(&mut st);
                 if st.active == 0 && st.pending.is_empty() {
-                    if !close {
-                        st.flushing = false;
-                    }
                     return;
                 }
                 idle.as_mut().enable();
             }
             idle.await;
         }
-    }
-
-    /// Whether `shutdown` has begun.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.inner.lock().closed
     }
 }
 

@@ -168,7 +168,7 @@ impl Topic {
 
     /// Whether `shutdown` has been called on any clone.
     pub fn is_shut_down(&self) -> bool {
-        self.inner.shut_down.load(Ordering::Acquire) || self.inner.batcher.is_closed()
+        self.inner.shut_down.load(Ordering::Acquire)
     }
 
     /// What the backend can do.

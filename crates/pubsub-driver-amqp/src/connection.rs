@@ -62,13 +62,14 @@ impl Connector {
     /// connection is replaced by dialling it; without, errors are reported
     /// once the given connection is gone.
     pub fn from_connection(conn: Connection, reconnect_uri: Option<&str>) -> Result<Self> {
-        let mut c = match reconnect_uri {
-            Some(u) => Self::new(u)?,
-            None => Self::build(None, "(existing connection)".to_owned(), None),
+        let (uri, redacted) = match reconnect_uri {
+            Some(u) => {
+                let c = Self::new(u)?;
+                (c.inner.uri.clone(), c.inner.redacted.clone())
+            }
+            None => (None, "(existing connection)".to_owned()),
         };
-        let inner = Arc::get_mut(&mut c.inner).expect("fresh connector");
-        inner.current = Mutex::new(Some(Arc::new(conn)));
-        Ok(c)
+        Ok(Self::build(uri, redacted, Some(conn)))
     }
 
     fn build(uri: Option<String>, redacted: String, current: Option<Connection>) -> Self {
