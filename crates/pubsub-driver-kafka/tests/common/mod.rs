@@ -86,7 +86,11 @@ pub struct Kafka {
 impl Kafka {
     pub fn mock() -> Kafka {
         let m = MockBroker::start();
-        let settings = KafkaConfig::new(&m.bootstrap);
+        // Short sessions, as on tansu: a member that stalls during a join is
+        // evicted in seconds, not after librdkafka's default 45 s.
+        let settings = KafkaConfig::new(&m.bootstrap)
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
         Kafka {
             broker: Broker::Mock(m),
             settings,
