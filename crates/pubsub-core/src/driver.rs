@@ -23,14 +23,18 @@ use crate::message::Attributes;
 
 /// The backend's handle for acknowledging one delivery.
 ///
-/// Small integer ids (AMQP delivery tags, in-memory sequence numbers) are
-/// stored inline; anything else is boxed and reached by downcasting.
+/// Small integer ids (AMQP delivery tags, in-memory sequence numbers) and
+/// pairs of them (a Kafka partition's assignment and offset, a Redis stream
+/// entry's time and sequence) are stored inline, so a busy subscription
+/// allocates nothing per id; anything else is boxed and reached by
+/// downcasting.
 #[derive(Clone)]
 pub struct AckId(AckRepr);
 
 #[derive(Clone)]
 enum AckRepr {
     Int(u64),
+    Pair(u64, u64),
     Text(Arc<str>),
     Other(Arc<dyn Any + Send + Sync>),
 }
@@ -39,6 +43,11 @@ impl AckId {
     /// An id that is a number.
     pub fn from_u64(id: u64) -> Self {
         AckId(AckRepr::Int(id))
+    }
+
+    /// An id that is two numbers.
+    pub fn from_u64_pair(first: u64, second: u64) -> Self {
+        AckId(AckRepr::Pair(first, second))
     }
 
     /// An id that is a string (receipt handles, ack ids, reply subjects).
@@ -55,6 +64,14 @@ impl AckId {
     pub fn as_u64(&self) -> Option<u64> {
         match self.0 {
             AckRepr::Int(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The two numbers, if this id was made with [`AckId::from_u64_pair`].
+    pub fn as_u64_pair(&self) -> Option<(u64, u64)> {
+        match self.0 {
+            AckRepr::Pair(a, b) => Some((a, b)),
             _ => None,
         }
     }
@@ -80,6 +97,7 @@ impl fmt::Debug for AckId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             AckRepr::Int(n) => write!(f, "AckId({n})"),
+            AckRepr::Pair(a, b) => write!(f, "AckId({a}, {b})"),
             AckRepr::Text(s) => write!(f, "AckId({s:?})"),
             AckRepr::Other(_) => f.write_str("AckId(..)"),
         }
@@ -392,5 +410,28 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
     /// The backend's own client, for [`crate::Subscription::as_raw`].
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AckId;
+
+    #[test]
+    fn ack_ids_keep_their_representation() {
+        let pair = AckId::from_u64_pair(7, u64::MAX);
+        assert_eq!(pair.as_u64_pair(), Some((7, u64::MAX)));
+        assert_eq!(pair.as_u64(), None);
+        assert_eq!(format!("{pair:?}"), format!("AckId(7, {})", u64::MAX));
+        let int = AckId::from_u64(3);
+        assert_eq!((int.as_u64(), int.as_u64_pair()), (Some(3), None));
+        let text = AckId::from_text("r-1");
+        assert_eq!((text.as_text(), text.as_u64_pair()), (Some("r-1"), None));
+        let other = AckId::new(String::from("x"));
+        assert_eq!(
+            other.downcast_ref::<String>().map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(other.as_u64_pair(), None);
     }
 }

@@ -170,14 +170,15 @@ struct Held {
 }
 
 impl Leases {
-    fn hold(&self, batch: &[(ReceivedMessage, u64)], now: Instant) {
+    /// Holds a fetched batch whose tokens run from `first`.
+    fn hold(&self, batch: &[ReceivedMessage], first: u64, now: Instant) {
         if !self.enabled || batch.is_empty() {
             return;
         }
         let mut held = lock(&self.held);
-        for (m, token) in batch {
+        for (m, token) in batch.iter().zip(first..) {
             held.insert(
-                *token,
+                token,
                 Held {
                     id: m.ack_id.clone(),
                     since: now,
@@ -631,12 +632,11 @@ impl Shared {
                     let base = self
                         .next_token
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    let batch: Vec<_> = batch.into_iter().zip(base..).collect();
-                    self.leases.hold(&batch, now);
+                    self.leases.hold(&batch, base, now);
                     let ask_again = {
                         let mut st = lock(&self.state);
                         let empty = batch.is_empty();
-                        st.queue.extend(batch);
+                        st.queue.extend(batch.into_iter().zip(base..));
                         if empty
                             && self.waiting.load(Ordering::Acquire) > 0
                             && !self.shut_down.load(Ordering::Acquire)
