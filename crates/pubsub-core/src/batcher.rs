@@ -324,14 +324,29 @@ impl<T: Send + 'static> Inner<T> {
             }
         }
         let _release = Release(self.clone());
+        let mut lingered = false;
         loop {
             let batch = {
                 let mut st = self.lock();
                 if !self.ready(&st) {
-                    return;
+                    if lingered {
+                        return;
+                    }
+                    None
+                } else {
+                    Some(self.take_batch(&mut st))
                 }
-                self.take_batch(&mut st)
             };
+            let Some(batch) = batch else {
+                // Items often follow in a stream (an ack a message): one
+                // turn of the scheduler lets the next ones join this
+                // handler instead of each few paying for a task of their
+                // own. The slot stays taken meanwhile, so none is spawned.
+                lingered = true;
+                tokio::task::yield_now().await;
+                continue;
+            };
+            lingered = false;
             if !batch.is_empty() {
                 self.run(batch).await;
             }

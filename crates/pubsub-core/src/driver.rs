@@ -203,6 +203,40 @@ pub struct ReceivedMessage {
     pub delivery_attempt: Option<u32>,
     /// The backend's own message, for [`crate::Message::as_raw`].
     pub raw: Option<Box<dyn Any + Send + Sync>>,
+    /// Builds `id` and `raw` only when the application asks for them,
+    /// instead of the two fields above; see [`ReceivedMessage::describe_lazily`].
+    pub lazy: Option<LazyDetails>,
+}
+
+/// Builds the id and the raw form of received messages on demand.
+///
+/// A driver that receives at high rates shares one of these among many
+/// messages (a Kafka partition, say) and gives each message two numbers
+/// (its offset and timestamp, say), so that a message whose id and raw form
+/// nobody reads costs no allocation for them.
+pub trait Describe: Send + Sync + 'static {
+    /// The message's id, fit for logs.
+    fn id(&self, at: (i64, i64)) -> String;
+
+    /// The backend's own message, for [`crate::Message::as_raw`].
+    /// `ordering_key` is the received message's.
+    fn raw(&self, at: (i64, i64), ordering_key: Option<&str>)
+        -> Option<Box<dyn Any + Send + Sync>>;
+}
+
+/// A shared [`Describe`] and the numbers that pick one message out for it.
+#[derive(Clone)]
+pub struct LazyDetails {
+    /// What builds the details.
+    pub by: Arc<dyn Describe>,
+    /// Which message, in `by`'s terms.
+    pub at: (i64, i64),
+}
+
+impl fmt::Debug for LazyDetails {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.by.id(self.at))
+    }
 }
 
 impl ReceivedMessage {
@@ -216,7 +250,22 @@ impl ReceivedMessage {
             ack_id,
             delivery_attempt: None,
             raw: None,
+            lazy: None,
         }
+    }
+
+    /// A received message whose id and raw form `by` builds when asked:
+    /// `id` is left empty and `raw` unset.
+    pub fn describe_lazily(
+        body: Bytes,
+        attributes: Attributes,
+        ack_id: AckId,
+        by: Arc<dyn Describe>,
+        at: (i64, i64),
+    ) -> Self {
+        let mut m = ReceivedMessage::new(body, attributes, String::new(), ack_id);
+        m.lazy = Some(LazyDetails { by, at });
+        m
     }
 }
 
@@ -224,6 +273,7 @@ impl fmt::Debug for ReceivedMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReceivedMessage")
             .field("id", &self.id)
+            .field("lazy", &self.lazy)
             .field("body_len", &self.body.len())
             .field("attributes", &self.attributes)
             .field("ack_id", &self.ack_id)

@@ -3,12 +3,12 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::driver::{AckId, AfterSend, BeforeSend, OutgoingMessage, ReceivedMessage};
+use crate::driver::{AckId, AfterSend, BeforeSend, LazyDetails, OutgoingMessage, ReceivedMessage};
 use crate::error::{Error, Result};
 use crate::subscription::Shared;
 
@@ -34,12 +34,45 @@ pub struct Message {
 
 /// What a received message needs to settle itself.
 pub(crate) struct Receipt {
-    pub(crate) id: String,
+    pub(crate) details: Details,
     pub(crate) ack_id: AckId,
     pub(crate) token: u64,
     pub(crate) delivery_attempt: Option<u32>,
-    pub(crate) raw: Option<Box<dyn Any + Send + Sync>>,
     pub(crate) sub: Arc<Shared>,
+}
+
+type Raw = Box<dyn Any + Send + Sync>;
+
+/// A received message's id and raw form: given by the driver, or built by
+/// it on first use.
+pub(crate) enum Details {
+    Given {
+        id: String,
+        raw: Option<Raw>,
+    },
+    Lazy {
+        lazy: LazyDetails,
+        id: OnceLock<String>,
+        raw: OnceLock<Option<Raw>>,
+    },
+}
+
+impl Details {
+    pub(crate) fn id(&self) -> &str {
+        match self {
+            Details::Given { id, .. } => id,
+            Details::Lazy { lazy, id, .. } => id.get_or_init(|| lazy.by.id(lazy.at)),
+        }
+    }
+
+    fn raw(&self, ordering_key: Option<&str>) -> Option<&(dyn Any + Send + Sync)> {
+        match self {
+            Details::Given { raw, .. } => raw.as_deref(),
+            Details::Lazy { lazy, raw, .. } => raw
+                .get_or_init(|| lazy.by.raw(lazy.at, ordering_key))
+                .as_deref(),
+        }
+    }
 }
 
 impl Message {
@@ -141,7 +174,7 @@ impl Message {
 
     /// The backend's id of a received message, fit for logs.
     pub fn id(&self) -> Option<&str> {
-        self.receipt.as_ref().map(|r| r.id.as_str())
+        self.receipt.as_ref().map(|r| r.details.id())
     }
 
     /// How many times a received message has been delivered, counting this
@@ -153,7 +186,8 @@ impl Message {
     /// The backend's own message, if it is a `T`: the typed escape hatch.
     /// Each driver documents the type it exposes.
     pub fn as_raw<T: Any>(&self) -> Option<&T> {
-        self.receipt.as_ref()?.raw.as_deref()?.downcast_ref::<T>()
+        let key = self.ordering_key.as_deref();
+        self.receipt.as_ref()?.details.raw(key)?.downcast_ref::<T>()
     }
 
     /// Takes the body, leaving an empty one.
@@ -213,11 +247,20 @@ impl Message {
             before_send: None,
             after_send: None,
             receipt: Some(Receipt {
-                id: m.id,
+                details: match m.lazy {
+                    Some(lazy) => Details::Lazy {
+                        lazy,
+                        id: OnceLock::new(),
+                        raw: OnceLock::new(),
+                    },
+                    None => Details::Given {
+                        id: m.id,
+                        raw: m.raw,
+                    },
+                },
                 ack_id: m.ack_id,
                 token,
                 delivery_attempt: m.delivery_attempt,
-                raw: m.raw,
                 sub,
             }),
         }
@@ -263,7 +306,7 @@ impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Message");
         if let Some(r) = &self.receipt {
-            d.field("id", &r.id);
+            d.field("id", &r.details.id());
         }
         d.field("body_len", &self.body.len())
             .field("attributes", &self.attributes);

@@ -716,7 +716,7 @@ impl Shared {
         self.nacked.fetch_add(1, Ordering::Relaxed);
         if dropped && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                id = %r.id,
+                id = %r.details.id(),
                 "a received message was dropped without ack or nack; it is nacked (further drops are counted in stats, not logged)"
             );
         }
@@ -943,6 +943,81 @@ mod tests {
         assert!(r.is_err());
         let asks = d.0.load(Ordering::SeqCst);
         assert!(asks <= 40, "asked {asks} times in 300 ms");
+        sub.shutdown().await.unwrap();
+    }
+
+    /// A fake driver whose messages describe themselves lazily, counting
+    /// how often it is asked to.
+    #[derive(Debug, Default)]
+    struct Lazy(Arc<Counts>);
+
+    #[derive(Debug, Default)]
+    struct Counts {
+        ids: AtomicUsize,
+        raws: AtomicUsize,
+    }
+
+    impl driver::Describe for Counts {
+        fn id(&self, at: (i64, i64)) -> String {
+            self.ids.fetch_add(1, Ordering::SeqCst);
+            format!("p/{}", at.0)
+        }
+        fn raw(
+            &self,
+            at: (i64, i64),
+            ordering_key: Option<&str>,
+        ) -> Option<Box<dyn Any + Send + Sync>> {
+            self.raws.fetch_add(1, Ordering::SeqCst);
+            Some(Box::new((at.1, ordering_key.map(str::to_owned))))
+        }
+    }
+
+    #[async_trait]
+    impl driver::Subscription for Lazy {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+        fn resource(&self) -> &str {
+            "lazy"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
+            let by: Arc<dyn driver::Describe> = self.0.clone();
+            let mut m = ReceivedMessage::describe_lazily(
+                Bytes::from_static(b"x"),
+                Default::default(),
+                AckId::from_u64(1),
+                by,
+                (7, 42),
+            );
+            m.ordering_key = Some("k".into());
+            Ok(vec![m])
+        }
+        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lazy_details_are_built_once_and_only_when_asked() {
+        let d = Arc::new(Lazy::default());
+        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let untouched = sub.receive().await.unwrap();
+        untouched.ack();
+        let m = sub.receive().await.unwrap();
+        assert_eq!(d.0.ids.load(Ordering::SeqCst), 0);
+        assert_eq!(d.0.raws.load(Ordering::SeqCst), 0);
+        assert_eq!(m.id(), Some("p/7"));
+        assert_eq!(m.id(), Some("p/7"));
+        assert!(format!("{m:?}").contains("p/7"));
+        let raw = m.as_raw::<(i64, Option<String>)>().unwrap();
+        assert_eq!(raw, &(42, Some("k".to_owned())));
+        assert!(m.as_raw::<String>().is_none());
+        assert_eq!(d.0.ids.load(Ordering::SeqCst), 1, "built once");
+        assert_eq!(d.0.raws.load(Ordering::SeqCst), 1, "built once");
+        m.ack();
         sub.shutdown().await.unwrap();
     }
 

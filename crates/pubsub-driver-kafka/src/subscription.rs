@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Describe, ReceivedMessage};
 use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -91,9 +91,30 @@ struct Part {
     high: i64,
     /// The last offset committed (the next one to read).
     committed: i64,
+    /// By timestamp kind, made on first use.
+    describers: [Option<Arc<PartDescriber>>; 3],
 }
 
 impl Part {
+    /// What describes a delivery with this timestamp, and the numbers
+    /// that pick it out.
+    fn describer(&mut self, timestamp: Timestamp, offset: i64) -> (Arc<dyn Describe>, (i64, i64)) {
+        let (kind, millis) = match timestamp {
+            Timestamp::NotAvailable => (NO_TIMESTAMP, -1),
+            Timestamp::CreateTime(t) => (CREATE_TIME, t),
+            Timestamp::LogAppendTime(t) => (LOG_APPEND_TIME, t),
+        };
+        let (topic, partition) = (&self.topic, self.partition);
+        let d = self.describers[kind].get_or_insert_with(|| {
+            Arc::new(PartDescriber {
+                topic: topic.to_string(),
+                partition,
+                kind,
+            })
+        });
+        (d.clone(), (offset, millis))
+    }
+
     /// The next offset to read once the acked prefix is dropped: the first
     /// unacked delivery, or one past the last delivered.
     fn advance(&mut self) -> Option<i64> {
@@ -143,12 +164,52 @@ impl Part {
 
 /// A nacked delivery waiting to be handed out again.
 struct Redelivery {
-    topic: Arc<str>,
-    partition: i32,
     epoch: u64,
     offset: i64,
     copy: Copy,
     attempt: u32,
+}
+
+/// Builds, on demand, the ids and raw records of one partition's
+/// deliveries whose timestamps are of one kind; a delivery is picked out by
+/// its offset and timestamp.
+struct PartDescriber {
+    topic: String,
+    partition: i32,
+    kind: usize,
+}
+
+const NO_TIMESTAMP: usize = 0;
+const CREATE_TIME: usize = 1;
+const LOG_APPEND_TIME: usize = 2;
+
+impl Describe for PartDescriber {
+    fn id(&self, (offset, _): (i64, i64)) -> String {
+        delivery_id(&self.topic, self.partition, offset)
+    }
+
+    fn raw(
+        &self,
+        (offset, millis): (i64, i64),
+        ordering_key: Option<&str>,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        let timestamp = match self.kind {
+            CREATE_TIME => Timestamp::CreateTime(millis),
+            LOG_APPEND_TIME => Timestamp::LogAppendTime(millis),
+            _ => Timestamp::NotAvailable,
+        };
+        // Headers are the attributes already and the payload the body; the
+        // raw record carries the rest.
+        Some(Box::new(OwnedMessage::new(
+            None,
+            ordering_key.map(|k| k.as_bytes().to_vec()),
+            self.topic.clone(),
+            timestamp,
+            self.partition,
+            offset,
+            None,
+        )))
+    }
 }
 
 #[derive(Default)]
@@ -188,6 +249,7 @@ impl Tracker {
                     pending: VecDeque::new(),
                     high: 0,
                     committed: -1,
+                    describers: Default::default(),
                 });
                 self.parts.len() - 1
             }
@@ -376,10 +438,16 @@ impl KafkaSubscription {
     fn take_redeliveries(&self, max: usize) -> Vec<ReceivedMessage> {
         let mut t = lock(&self.tracker);
         let n = max.min(t.redeliver.len());
-        t.redeliver
-            .drain(..n)
-            .map(|r| to_received(&r.topic, r.partition, r.epoch, r.offset, r.copy, r.attempt))
-            .collect::<Vec<_>>()
+        let taken: Vec<Redelivery> = t.redeliver.drain(..n).collect();
+        taken
+            .into_iter()
+            .filter_map(|r| {
+                // Redeliveries of revoked partitions were dropped with them.
+                let i = t.by_epoch(r.epoch)?;
+                let (by, at) = t.parts[i].describer(r.copy.timestamp, r.offset);
+                Some(to_received(by, at, r.epoch, r.copy, r.attempt))
+            })
+            .collect()
     }
 
     /// What is kept of a message: copied out at once, so librdkafka's
@@ -422,15 +490,8 @@ impl KafkaSubscription {
             let i = t.part(&d.topic, d.partition);
             let part = &mut t.parts[i];
             part.record(d.offset, d.copy.clone());
-            let epoch = part.epoch;
-            out.push(to_received(
-                &d.topic,
-                d.partition,
-                epoch,
-                d.offset,
-                d.copy,
-                1,
-            ));
+            let (by, at) = part.describer(d.copy.timestamp, d.offset);
+            out.push(to_received(by, at, part.epoch, d.copy, 1));
         }
         out
     }
@@ -530,27 +591,15 @@ struct Delivered {
 }
 
 fn to_received(
-    topic: &str,
-    partition: i32,
+    by: Arc<dyn Describe>,
+    at: (i64, i64),
     epoch: u64,
-    offset: i64,
     c: Copy,
     attempt: u32,
 ) -> ReceivedMessage {
-    let id = delivery_id(topic, partition, offset);
-    let ack = AckId::from_u64_pair(epoch, offset as u64);
-    let mut m = ReceivedMessage::new(c.body, c.attributes, id, ack);
+    let ack = AckId::from_u64_pair(epoch, at.0 as u64);
+    let mut m = ReceivedMessage::describe_lazily(c.body, c.attributes, ack, by, at);
     m.delivery_attempt = Some(attempt);
-    // Headers are the attributes already; the raw record carries the rest.
-    m.raw = Some(Box::new(OwnedMessage::new(
-        None,
-        c.key.as_ref().map(|k| k.clone().into_bytes()),
-        topic.to_owned(),
-        c.timestamp,
-        partition,
-        offset,
-        None,
-    )));
     m.ordering_key = c.key;
     m
 }
@@ -668,10 +717,9 @@ impl driver::Subscription for KafkaSubscription {
         {
             let mut t = lock(&self.tracker);
             for (epoch, offset) in acks(ids) {
-                let Some(i) = t.by_epoch(epoch) else { continue };
-                let part = &mut t.parts[i];
-                let (topic, partition) = (part.topic.clone(), part.partition);
-                let Some(p) = part.find(offset) else { continue };
+                let Some(p) = t.find(epoch, offset) else {
+                    continue;
+                };
                 if p.acked {
                     continue;
                 }
@@ -679,8 +727,6 @@ impl driver::Subscription for KafkaSubscription {
                     p.attempts += 1;
                     let attempt = p.attempts;
                     t.redeliver.push_back(Redelivery {
-                        topic,
-                        partition,
                         epoch,
                         offset,
                         copy,
