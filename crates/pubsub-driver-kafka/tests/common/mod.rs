@@ -246,7 +246,13 @@ impl<B: KafkaHarness> Harness for On<B> {
     fn check_raw_message(&self, msg: &Message) -> std::result::Result<(), String> {
         use pubsub_driver_kafka::rdkafka::Message as _;
         let m = msg.as_raw::<OwnedMessage>().ok_or("no OwnedMessage")?;
-        if m.offset() >= 0 && m.partition() >= 0 && msg.id().is_some() {
+        let id = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+        if m.offset() >= 0
+            && m.partition() >= 0
+            && msg.id() == Some(id.as_str())
+            && m.timestamp().to_millis().is_some()
+            && m.key() == msg.ordering_key().map(str::as_bytes)
+        {
             Ok(())
         } else {
             Err(format!("unexpected message {m:?}"))
