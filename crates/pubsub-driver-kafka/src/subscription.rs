@@ -465,10 +465,17 @@ impl KafkaSubscription {
             }
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        let name = m.topic();
-        let topic = match self.topic_names.iter().find(|t| ***t == *name) {
-            Some(t) => t.clone(),
-            None => Arc::from(name),
+        // Reading the topic's name costs a strlen and a UTF-8 check a
+        // message; with one topic subscribed it is known.
+        let topic = match &self.topic_names[..] {
+            [only] => only.clone(),
+            names => {
+                let name = m.topic();
+                match names.iter().find(|t| ***t == *name) {
+                    Some(t) => t.clone(),
+                    None => Arc::from(name),
+                }
+            }
         };
         Delivered {
             topic,

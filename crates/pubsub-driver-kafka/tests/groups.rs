@@ -1,6 +1,6 @@
 //! Consumer-group behaviour on both brokers: offsets committed only for the
-//! contiguously acked prefix survive a restart, and two consumers in one
-//! group split the partitions.
+//! contiguously acked prefix survive a restart, two consumers in one group
+//! split the partitions, and one subscription reads several topics.
 
 mod common;
 
@@ -241,6 +241,68 @@ async fn two_consumers_split_the_partitions(k: Kafka) {
         t.await.unwrap();
     }
     topic.shutdown().await.unwrap();
+}
+
+/// One subscription over two topics gets every message of both, each
+/// named by its own topic, and acks, nacks and redelivery work across them.
+async fn one_subscription_reads_two_topics(k: Kafka) {
+    let names = [unique("two-a"), unique("two-b")];
+    let a = topic_with(&k, &names[0], 2).await;
+    let b = topic_with(&k, &names[1], 2).await;
+    send_all(&a, 100).await;
+    send_all(&b, 100).await;
+    let sub = open_subscription(
+        &k.settings,
+        &unique("two-group"),
+        &[names[0].as_str(), names[1].as_str()],
+        SubscriptionConfig::default().with_offset(StartOffset::Oldest),
+        SubscriptionOptions::default(),
+    )
+    .unwrap();
+    let mut got: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    let mut nacked = HashSet::new();
+    let mut redelivered = 0;
+    while got.values().map(HashSet::len).sum::<usize>() < 200 {
+        let m = tokio::time::timeout(Duration::from_secs(60), sub.receive())
+            .await
+            .expect("every message arrives")
+            .unwrap();
+        let raw = m.as_raw::<OwnedMessage>().expect("raw message");
+        let (topic, partition, offset) = (raw.topic().to_owned(), raw.partition(), raw.offset());
+        assert_eq!(
+            m.id(),
+            Some(format!("{topic}/{partition}/{offset}").as_str())
+        );
+        let body = String::from_utf8(m.body().to_vec()).unwrap();
+        // Nack the first message of each topic once; it must come back.
+        if nacked.insert(topic.clone()) {
+            m.nack();
+            continue;
+        }
+        if m.delivery_attempt() == Some(2) {
+            redelivered += 1;
+        }
+        got.entry(topic).or_default().insert(body);
+        m.ack();
+    }
+    let counts: Vec<(String, usize)> = got.iter().map(|(t, b)| (t.clone(), b.len())).collect();
+    let mut want = vec![(names[0].clone(), 100), (names[1].clone(), 100)];
+    want.sort();
+    assert_eq!(counts, want);
+    assert_eq!(redelivered, 2, "both nacked messages came back");
+    sub.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_one_subscription_reads_two_topics() {
+    one_subscription_reads_two_topics(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_one_subscription_reads_two_topics() {
+    one_subscription_reads_two_topics(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}"))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
