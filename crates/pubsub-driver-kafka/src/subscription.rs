@@ -361,7 +361,8 @@ pub(crate) const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// [`pubsub_core::Subscription::as_raw`] gives the [`KafkaConsumer`]; [`pubsub_core::Message::as_raw`] an
 /// `rdkafka::message::OwnedMessage` with its topic, partition, offset,
 /// timestamp and key (the payload is the message body and the headers its
-/// attributes, so neither is copied again).
+/// attributes, so neither is copied again). It and the message's id are
+/// built on first use, so a message nobody asks about costs neither.
 pub struct KafkaSubscription {
     consumer: Arc<KafkaConsumer>,
     group: String,
