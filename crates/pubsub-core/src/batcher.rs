@@ -304,32 +304,32 @@ impl<T: Send + 'static> Inner<T> {
     async fn handler_loop(self: Arc<Self>) {
         // Gives the slot back however the loop ends, including a panic in a
         // driver or a user's hook, so the batcher never runs out of slots.
-        struct Release<T: Send + 'static>(Arc<Inner<T>>);
+        struct Release<T: Send + 'static>(Arc<Inner<T>>, bool);
         impl<T: Send + 'static> Drop for Release<T> {
             fn drop(&mut self) {
+                if !self.1 {
+                    return;
+                }
                 let inner = &self.0;
                 let mut st = inner.lock();
-                st.active -= 1;
-                if std::thread::panicking() && inner.ready(&st) {
+                inner.leave(&mut st);
+                if inner.ready(&st) {
                     inner.spawn_handler(&mut st);
-                }
-                if st.active == 0 {
-                    // Withdrawn items left behind below the minimum are not
-                    // worth a wake-up of their own.
-                    st.pending.retain(|e| !e.withdrawn());
-                    if st.pending.is_empty() {
-                        inner.idle.notify_waiters();
-                    }
                 }
             }
         }
-        let _release = Release(self.clone());
+        let mut release = Release(self.clone(), true);
         let mut lingered = false;
         loop {
             let batch = {
                 let mut st = self.lock();
                 if !self.ready(&st) {
                     if lingered {
+                        // Leave under the lock that found nothing to do: an
+                        // item added after it sees this handler gone and
+                        // starts another, instead of waiting for the next.
+                        release.1 = false;
+                        self.leave(&mut st);
                         return;
                     }
                     None
@@ -349,6 +349,19 @@ impl<T: Send + 'static> Inner<T> {
             lingered = false;
             if !batch.is_empty() {
                 self.run(batch).await;
+            }
+        }
+    }
+
+    /// Gives a handler's slot back.
+    fn leave(&self, st: &mut State<T>) {
+        st.active -= 1;
+        if st.active == 0 {
+            // Withdrawn items left behind below the minimum are not worth a
+            // wake-up of their own.
+            st.pending.retain(|e| !e.withdrawn());
+            if st.pending.is_empty() {
+                self.idle.notify_waiters();
             }
         }
     }
@@ -498,6 +511,40 @@ mod tests {
 
     fn fast_retry() -> RetryPolicy {
         RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5))
+    }
+
+    /// A detached item added while the only handler is on its way out
+    /// must not wait for the next item: each one here is the last for a
+    /// while, so a stranded one shows as a timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_item_added_as_the_last_handler_leaves_is_still_handled() {
+        let rec = Arc::new(Recorder::default());
+        let b = Batcher::new(BatchLimits::new(100, 1), fast_retry(), rec.clone());
+        for i in 0..3_000u32 {
+            b.add_detached(i, 1).unwrap();
+            let handled = |rec: &Recorder| {
+                rec.batches
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while handled(&rec) <= i as usize {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "item {i} was never handled"
+                );
+                // Spin through the handler's exit window with a varying
+                // number of turns.
+                for _ in 0..(i % 4) {
+                    tokio::task::yield_now().await;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        b.shutdown().await;
     }
 
     #[tokio::test]
