@@ -1,13 +1,43 @@
 //! One connection to RabbitMQ, reopened whenever it is found dead.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::{Channel, Connection, ConnectionProperties};
 use pubsub_core::{Error, Result, Url};
 use tokio::sync::Mutex;
 
 use crate::error;
+
+/// How long one exchange with the broker (dialling, opening a channel,
+/// setting a channel up, a publisher confirm) may take. A broker that is
+/// stopping or starting can accept a socket and never answer; without a
+/// limit, the dial would hang, and every send and receive queued behind it
+/// with it. A timed-out step fails as temporary, so the core retries it on
+/// a fresh connection.
+pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The error for a step that took longer than [`BROKER_TIMEOUT`].
+pub(crate) fn timed_out(what: &str) -> Error {
+    Error::unavailable(format!(
+        "{what} got no answer from RabbitMQ within {} s",
+        BROKER_TIMEOUT.as_secs()
+    ))
+    .with_temporary(true)
+}
+
+/// Runs one step with the time limit.
+pub(crate) async fn bounded<T>(
+    what: &str,
+    step: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(BROKER_TIMEOUT, step).await {
+        Ok(r) => r.map_err(error::map),
+        Err(_) => Err(timed_out(what)),
+    }
+}
 
 /// Holds the connection that topics and subscriptions open their channels
 /// on, and reconnects when it has dropped (broker restart, forced close,
@@ -101,13 +131,15 @@ impl Connector {
             .with_temporary(false)
             .with_context("driver", crate::DRIVER));
         };
-        let conn = Connection::connect(uri, self.inner.properties.clone())
-            .await
-            .map_err(|e| {
-                error::map(e)
-                    .with_temporary(true)
-                    .with_context("server", self.inner.redacted.clone())
-            })?;
+        let conn = bounded(
+            "connecting",
+            Connection::connect(uri, self.inner.properties.clone()),
+        )
+        .await
+        .map_err(|e| {
+            e.with_temporary(true)
+                .with_context("server", self.inner.redacted.clone())
+        })?;
         let conn = Arc::new(conn);
         *current = Some(conn.clone());
         Ok(conn)
@@ -116,7 +148,25 @@ impl Connector {
     /// A new channel on the live connection.
     pub async fn channel(&self) -> Result<Channel> {
         let conn = self.connection().await?;
-        conn.create_channel().await.map_err(error::map)
+        let opened = bounded("opening a channel", conn.create_channel()).await;
+        if let Err(e) = &opened {
+            // A connection that is closed, or cannot open a channel in time,
+            // is as good as dead even if it has not noticed: the next call
+            // dials anew.
+            if e.is_temporary() || !conn.status().connected() {
+                self.forget(&conn).await;
+            }
+        }
+        opened
+    }
+
+    /// Drops `dead` if it is still the current connection, so the next call
+    /// dials anew.
+    async fn forget(&self, dead: &Arc<Connection>) {
+        let mut current = self.inner.current.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, dead)) {
+            *current = None;
+        }
     }
 
     /// The server, with any password redacted.

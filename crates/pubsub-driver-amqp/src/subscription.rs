@@ -15,7 +15,7 @@ use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage
 use pubsub_core::{Error, Result};
 use tokio::sync::Mutex;
 
-use crate::connection::Connector;
+use crate::connection::{bounded, Connector};
 use crate::{capabilities, error, headers, DRIVER};
 
 /// How long one `receive_batch` waits for a first delivery.
@@ -90,10 +90,8 @@ impl AmqpSubscription {
             )
             .await
         };
-        match setup.await {
-            Ok(consumer) => Ok((ch, consumer)),
-            Err(e) => Err(error::map(e)),
-        }
+        let consumer = bounded("starting a consumer", setup).await?;
+        Ok((ch, consumer))
     }
 
     fn to_message(&self, mut d: Delivery) -> ReceivedMessage {

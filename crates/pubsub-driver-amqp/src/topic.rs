@@ -11,7 +11,7 @@ use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
 use pubsub_core::{Error, ErrorKind, Result};
 use tokio::sync::Mutex;
 
-use crate::connection::Connector;
+use crate::connection::{bounded, timed_out, Connector, BROKER_TIMEOUT};
 use crate::{capabilities, error, headers, DRIVER};
 
 /// Options of an exchange-backed topic.
@@ -67,9 +67,11 @@ impl AmqpTopic {
             }
         }
         let ch = self.connector.channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(error::map)?;
+        bounded(
+            "turning publisher confirms on",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         *slot = Some(ch.clone());
         Ok(ch)
     }
@@ -135,6 +137,7 @@ impl driver::Topic for AmqpTopic {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
+        let deadline = tokio::time::Instant::now() + BROKER_TIMEOUT;
         // Publish the whole batch before awaiting any confirm, so the batch
         // costs one round trip, not one a message.
         for (i, m) in batch.iter().enumerate() {
@@ -148,12 +151,14 @@ impl driver::Topic for AmqpTopic {
                     continue;
                 }
             };
-            match ch
-                .basic_publish(self.exchange.clone(), key, options, &m.body, props)
-                .await
-            {
-                Ok(confirm) => pending.push((i, confirm)),
-                Err(e) => {
+            let publish = ch.basic_publish(self.exchange.clone(), key, options, &m.body, props);
+            match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(confirm)) => pending.push((i, confirm)),
+                Err(_) => {
+                    self.forget_channel(&ch).await;
+                    failed.push((i, timed_out("publishing")));
+                }
+                Ok(Err(e)) => {
                     if error::kills_channel(&e) {
                         self.forget_channel(&ch).await;
                     }
@@ -162,7 +167,14 @@ impl driver::Topic for AmqpTopic {
             }
         }
         for (i, confirm) in pending {
-            match confirm.await {
+            let Ok(confirmed) = tokio::time::timeout_at(deadline, confirm).await else {
+                // The message may still be confirmed: sent again, it can
+                // arrive twice, which at-least-once allows.
+                self.forget_channel(&ch).await;
+                failed.push((i, timed_out("waiting for a publisher confirm")));
+                continue;
+            };
+            match confirmed {
                 Ok(Confirmation::Ack(None)) => {
                     if batch[i].has_after_send() {
                         if let Err(e) = batch[i].run_after_send(&Confirmation::Ack(None)) {
