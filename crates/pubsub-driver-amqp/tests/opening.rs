@@ -172,3 +172,31 @@ async fn passwords_never_appear_in_errors_or_debug() {
     assert!(!shown.contains("s3cr3t-pw"), "{shown}");
     assert!(shown.contains("user:***@127.0.0.1:1"), "{shown}");
 }
+
+/// A server that accepts the socket and never answers (as a broker that is
+/// starting may) fails the dial as temporary within the time limit, with
+/// the password redacted, instead of hanging every call behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out_as_temporary() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            sockets.push(s);
+        }
+    });
+    let connector =
+        Connector::new(&format!("amqp://guest:s3cret@127.0.0.1:{port}/%2f")).unwrap();
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(30), connector.channel())
+        .await
+        .expect("the dial has a time limit")
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "gave up after {waited:?}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.is_temporary(), "{e}");
+    assert!(!format!("{e} {e:?}").contains("s3cret"), "{e:?}");
+    held.abort();
+}
