@@ -186,8 +186,7 @@ async fn a_server_that_never_answers_times_out_as_temporary() {
             sockets.push(s);
         }
     });
-    let connector =
-        Connector::new(&format!("amqp://guest:s3cret@127.0.0.1:{port}/%2f")).unwrap();
+    let connector = Connector::new(&format!("amqp://guest:s3cret@127.0.0.1:{port}/%2f")).unwrap();
     let started = std::time::Instant::now();
     let e = tokio::time::timeout(Duration::from_secs(30), connector.channel())
         .await
