@@ -184,7 +184,8 @@ impl Message {
     }
 
     /// The backend's own message, if it is a `T`: the typed escape hatch.
-    /// Each driver documents the type it exposes.
+    /// Each driver documents the type it exposes. Where the driver builds it
+    /// on first use, it carries the ordering key the message had then.
     pub fn as_raw<T: Any>(&self) -> Option<&T> {
         let key = self.ordering_key.as_deref();
         self.receipt.as_ref()?.details.raw(key)?.downcast_ref::<T>()
@@ -225,6 +226,11 @@ impl Message {
                 "only a received message has a lease",
             )),
         }
+    }
+
+    /// Whether this message was received (and so has to be settled).
+    pub(crate) fn is_received(&self) -> bool {
+        self.receipt.is_some()
     }
 
     pub(crate) fn into_outgoing(self) -> OutgoingMessage {

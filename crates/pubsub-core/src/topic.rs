@@ -115,7 +115,7 @@ impl Topic {
         if inner.shut_down.load(Ordering::Acquire) {
             return Err(self.error(Error::failed_precondition("topic has been shut down")));
         }
-        if message.id().is_some() {
+        if message.is_received() {
             // Sending would consume the delivery and so settle it by the
             // drop rule, before the send even happens.
             return Err(self.error(Error::invalid_argument(

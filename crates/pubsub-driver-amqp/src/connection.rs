@@ -11,12 +11,11 @@ use tokio::sync::Mutex;
 
 use crate::error;
 
-/// How long one exchange with the broker (dialling, opening a channel,
-/// setting a channel up, a publisher confirm) may take. A broker that is
-/// stopping or starting can accept a socket and never answer; without a
-/// limit, the dial would hang, and every send and receive queued behind it
-/// with it. A timed-out step fails as temporary, so the core retries it on
-/// a fresh connection.
+/// How long setting up may take: dialling, opening a channel, turning
+/// confirms on, starting a consumer. A broker that is stopping or starting
+/// can accept a socket and never answer; without a limit, the dial would
+/// hang, and every send and receive queued behind it with it. A timed-out
+/// step fails as temporary, so the core retries it on a fresh connection.
 pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The error for a step that took longer than [`BROKER_TIMEOUT`].
@@ -148,16 +147,31 @@ impl Connector {
     /// A new channel on the live connection.
     pub async fn channel(&self) -> Result<Channel> {
         let conn = self.connection().await?;
-        let opened = bounded("opening a channel", conn.create_channel()).await;
-        if let Err(e) = &opened {
-            // A connection that is closed, or cannot open a channel in time,
-            // is as good as dead even if it has not noticed: the next call
-            // dials anew.
-            if e.is_temporary() || !conn.status().connected() {
-                self.forget(&conn).await;
+        match tokio::time::timeout(BROKER_TIMEOUT, conn.create_channel()).await {
+            Ok(Ok(ch)) => Ok(ch),
+            Ok(Err(e)) => {
+                if !conn.status().connected() {
+                    self.forget(&conn).await;
+                }
+                Err(error::map(e))
+            }
+            Err(_) => {
+                // A connection that cannot open a channel in time is as good
+                // as dead even if it has not noticed: dial anew, where there
+                // is a URL to dial (a connection handed in is kept).
+                if self.inner.uri.is_some() {
+                    self.forget(&conn).await;
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            BROKER_TIMEOUT,
+                            conn.close(320, "no answer in time".into()),
+                        )
+                        .await;
+                    });
+                }
+                Err(timed_out("opening a channel"))
             }
         }
-        opened
     }
 
     /// Drops `dead` if it is still the current connection, so the next call

@@ -15,7 +15,7 @@ use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage
 use pubsub_core::{Error, Result};
 use tokio::sync::Mutex;
 
-use crate::connection::{bounded, Connector};
+use crate::connection::{bounded, Connector, BROKER_TIMEOUT};
 use crate::{capabilities, error, headers, DRIVER};
 
 /// How long one `receive_batch` waits for a first delivery.
@@ -90,8 +90,22 @@ impl AmqpSubscription {
             )
             .await
         };
-        let consumer = bounded("starting a consumer", setup).await?;
-        Ok((ch, consumer))
+        match bounded("starting a consumer", setup).await {
+            Ok(consumer) => Ok((ch, consumer)),
+            Err(e) => {
+                // A late answer would register the consumer on this channel
+                // with nobody reading it, holding deliveries unacked: close
+                // it, in the background since the broker is slow already.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        BROKER_TIMEOUT,
+                        ch.close(200, "consumer setup failed".into()),
+                    )
+                    .await;
+                });
+                Err(e)
+            }
+        }
     }
 
     fn to_message(&self, mut d: Delivery) -> ReceivedMessage {

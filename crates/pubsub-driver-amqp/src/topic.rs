@@ -11,7 +11,7 @@ use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
 use pubsub_core::{Error, ErrorKind, Result};
 use tokio::sync::Mutex;
 
-use crate::connection::{bounded, timed_out, Connector, BROKER_TIMEOUT};
+use crate::connection::{bounded, Connector};
 use crate::{capabilities, error, headers, DRIVER};
 
 /// Options of an exchange-backed topic.
@@ -137,7 +137,11 @@ impl driver::Topic for AmqpTopic {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let deadline = tokio::time::Instant::now() + BROKER_TIMEOUT;
+        // No time limit on publishing or confirms: lapin queues a message's
+        // frames before anything can time out, so a limit would only send
+        // it again, and a broker that blocks publishers (a memory or disk
+        // alarm) should hold senders back, not multiply their messages. A
+        // dead connection fails them instead.
         // Publish the whole batch before awaiting any confirm, so the batch
         // costs one round trip, not one a message.
         for (i, m) in batch.iter().enumerate() {
@@ -151,14 +155,12 @@ impl driver::Topic for AmqpTopic {
                     continue;
                 }
             };
-            let publish = ch.basic_publish(self.exchange.clone(), key, options, &m.body, props);
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(confirm)) => pending.push((i, confirm)),
-                Err(_) => {
-                    self.forget_channel(&ch).await;
-                    failed.push((i, timed_out("publishing")));
-                }
-                Ok(Err(e)) => {
+            match ch
+                .basic_publish(self.exchange.clone(), key, options, &m.body, props)
+                .await
+            {
+                Ok(confirm) => pending.push((i, confirm)),
+                Err(e) => {
                     if error::kills_channel(&e) {
                         self.forget_channel(&ch).await;
                     }
@@ -167,14 +169,7 @@ impl driver::Topic for AmqpTopic {
             }
         }
         for (i, confirm) in pending {
-            let Ok(confirmed) = tokio::time::timeout_at(deadline, confirm).await else {
-                // The message may still be confirmed: sent again, it can
-                // arrive twice, which at-least-once allows.
-                self.forget_channel(&ch).await;
-                failed.push((i, timed_out("waiting for a publisher confirm")));
-                continue;
-            };
-            match confirmed {
+            match confirm.await {
                 Ok(Confirmation::Ack(None)) => {
                     if batch[i].has_after_send() {
                         if let Err(e) = batch[i].run_after_send(&Confirmation::Ack(None)) {
