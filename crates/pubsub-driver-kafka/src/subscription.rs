@@ -222,6 +222,8 @@ struct Tracker {
     last: usize,
     redeliver: VecDeque<Redelivery>,
     next_epoch: u64,
+    /// Counts revocations, so a batch polled across one can tell.
+    revocations: u64,
 }
 
 fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
@@ -300,6 +302,7 @@ impl ConsumerContext for KafkaContext {
         };
         let tpl = {
             let mut t = lock(&self.tracker);
+            t.revocations += 1;
             let is_revoked = |p: &Part| {
                 revoked
                     .elements()
@@ -363,6 +366,11 @@ pub(crate) const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 /// timestamp and key (the payload is the message body and the headers its
 /// attributes, so neither is copied again). It and the message's id are
 /// built on first use, so a message nobody asks about costs neither.
+///
+/// Bodies of up to 1 KiB are slices of a buffer shared with others of their
+/// batch (up to 64 KiB), which lives while any of them does: an application
+/// that keeps many small bodies long after settling their messages should
+/// keep copies (`Bytes::copy_from_slice`) instead.
 pub struct KafkaSubscription {
     consumer: Arc<KafkaConsumer>,
     group: String,
@@ -491,6 +499,19 @@ impl KafkaSubscription {
         }
     }
 
+    /// Drops messages polled before their partition was revoked during
+    /// the same batch: they were not handed out, their new owner reads them,
+    /// and tracking them would bring back a partition this consumer no
+    /// longer holds.
+    fn still_assigned(&self, got: Vec<Delivered>) -> Vec<Delivered> {
+        let Ok(assigned) = self.consumer.assignment() else {
+            return Vec::new();
+        };
+        got.into_iter()
+            .filter(|d| assigned.find_partition(&d.topic, d.partition).is_some())
+            .collect()
+    }
+
     fn track(&self, got: Vec<Delivered>) -> Vec<ReceivedMessage> {
         let mut t = lock(&self.tracker);
         let mut out = Vec::with_capacity(got.len());
@@ -563,7 +584,9 @@ struct Bodies {
     expected: usize,
 }
 
-const SMALL_BODY: usize = 4 * 1024;
+/// Bodies up to this size share chunks.
+const SMALL_BODY: usize = 1024;
+/// Measured: 16 KiB chunks read a backlog about 15% slower than 64 KiB.
 const CHUNK: usize = 64 * 1024;
 
 impl Bodies {
@@ -647,6 +670,7 @@ impl driver::Subscription for KafkaSubscription {
         self.ensure_subscribed().await?;
         let deadline = tokio::time::Instant::now() + POLL;
         loop {
+            let revocations = lock(&self.tracker).revocations;
             let redelivered = self.take_redeliveries(max);
             if !redelivered.is_empty() {
                 return Ok(redelivered);
@@ -687,6 +711,9 @@ impl driver::Subscription for KafkaSubscription {
                 }
             }
             drop(stream);
+            if lock(&self.tracker).revocations != revocations {
+                got = self.still_assigned(got);
+            }
             return Ok(self.track(got));
         }
     }
