@@ -89,10 +89,56 @@ pub(crate) struct Shared {
 }
 
 struct RecvState {
-    queue: VecDeque<(ReceivedMessage, u64)>,
+    queue: Fetched,
     fetches: usize,
     error: Option<Error>,
     sizer: BatchSizer,
+}
+
+/// Fetched messages not yet handed out, kept as the batches the driver
+/// returned: a batch is queued whole, and each message moves once, when it
+/// is handed out.
+#[derive(Default)]
+struct Fetched {
+    batches: VecDeque<(std::vec::IntoIter<ReceivedMessage>, u64)>,
+    len: usize,
+}
+
+impl Fetched {
+    /// Queues a batch whose tokens run from `first`.
+    fn push(&mut self, batch: Vec<ReceivedMessage>, first: u64) {
+        if !batch.is_empty() {
+            self.len += batch.len();
+            self.batches.push_back((batch.into_iter(), first));
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<(ReceivedMessage, u64)> {
+        let (batch, next) = self.batches.front_mut()?;
+        let m = batch.next()?;
+        let token = *next;
+        *next += 1;
+        self.len -= 1;
+        if batch.len() == 0 {
+            self.batches.pop_front();
+        }
+        Some((m, token))
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (ReceivedMessage, u64)> {
+        self.len = 0;
+        std::mem::take(&mut self.batches)
+            .into_iter()
+            .flat_map(|(batch, first)| batch.zip(first..))
+    }
 }
 
 /// The first permanent ack or nack failure, which fails the subscription.
@@ -348,7 +394,7 @@ impl Subscription {
                 driver: driver.clone(),
                 caps: caps.clone(),
                 state: Mutex::new(RecvState {
-                    queue: VecDeque::new(),
+                    queue: Fetched::default(),
                     fetches: 0,
                     error: None,
                     sizer: BatchSizer::new(max_batch),
@@ -636,7 +682,7 @@ impl Shared {
                     let ask_again = {
                         let mut st = lock(&self.state);
                         let empty = batch.is_empty();
-                        st.queue.extend(batch.into_iter().zip(base..));
+                        st.queue.push(batch, base);
                         if empty
                             && self.waiting.load(Ordering::Acquire) > 0
                             && !self.shut_down.load(Ordering::Acquire)
@@ -795,7 +841,7 @@ impl Shared {
             }
             done.await;
         }
-        let unreceived: Vec<_> = lock(&self.state).queue.drain(..).collect();
+        let unreceived: Vec<_> = lock(&self.state).queue.drain().collect();
         self.leases.release(unreceived.iter().map(|(_, t)| *t));
         if self.caps.nack && !unreceived.is_empty() {
             let items = unreceived.into_iter().map(|(m, token)| Settle {
@@ -1019,6 +1065,36 @@ mod tests {
         assert_eq!(d.0.raws.load(Ordering::SeqCst), 1, "built once");
         m.ack();
         sub.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn fetched_batches_hand_out_messages_in_order_with_their_tokens() {
+        let batch = |ids: &[&str]| -> Vec<ReceivedMessage> {
+            ids.iter()
+                .map(|id| {
+                    ReceivedMessage::new(
+                        Bytes::new(),
+                        Default::default(),
+                        (*id).to_owned(),
+                        AckId::from_text(*id),
+                    )
+                })
+                .collect()
+        };
+        let mut q = Fetched::default();
+        q.push(batch(&["a", "b"]), 10);
+        q.push(batch(&[]), 12);
+        q.push(batch(&["c"]), 12);
+        assert_eq!(q.len(), 3);
+        let (m, t) = q.pop_front().unwrap();
+        assert_eq!((m.id.as_str(), t), ("a", 10));
+        let (m, t) = q.pop_front().unwrap();
+        assert_eq!((m.id.as_str(), t), ("b", 11));
+        q.push(batch(&["d", "e"]), 13);
+        assert_eq!(q.len(), 3);
+        let rest: Vec<(String, u64)> = q.drain().map(|(m, t)| (m.id, t)).collect();
+        assert_eq!(rest, [("c".into(), 12), ("d".into(), 13), ("e".into(), 14)]);
+        assert!(q.is_empty() && q.pop_front().is_none());
     }
 
     #[test]
