@@ -37,8 +37,13 @@
 //!   topics on first use.
 //! - Acks commit offsets, but only the contiguous acked prefix of each
 //!   partition: a later message acked before an earlier one never moves the
-//!   committed offset past the earlier one. Commits go out once per ack
-//!   batch, asynchronously, and synchronously on close and on revocation.
+//!   committed offset past the earlier one. Each ack batch stores that
+//!   prefix; librdkafka commits what is stored once a second, and the
+//!   driver synchronously on close and on revocation.
+//! - The consumer asks librdkafka to look again 20 ms (not its default
+//!   second) after its local queue filled up (`fetch.queue.backoff.ms`), so
+//!   a consumer that keeps up never idles waiting for the next fetch. Any
+//!   setting given in [`KafkaConfig`] overrides the driver's.
 //! - Nack works, unlike in the Go CDK (which panics): a nacked message is
 //!   handed out again soon by this consumer from a local queue, and its
 //!   offset is not committed until it is acked.
