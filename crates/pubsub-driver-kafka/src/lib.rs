@@ -113,7 +113,11 @@ pub(crate) fn capabilities() -> Capabilities {
     c.send_batching = BatchLimits::new(1000, 128);
     // One commit at a time, so commits never overtake each other.
     c.ack_batching = BatchLimits::new(10_000, 1);
-    c.max_receive_batch = 1000;
+    // Polling takes what librdkafka has already fetched, without waiting,
+    // so a large batch costs no latency; it spreads the hand-over between
+    // the fetch task and receivers over more messages (a backlog read about
+    // 20% faster than with batches of 1,000).
+    c.max_receive_batch = 4000;
     c.max_concurrent_receives = 1;
     c
 }

@@ -694,7 +694,7 @@ impl driver::Subscription for KafkaSubscription {
             let first = first
                 .ok_or_else(|| Error::internal("the Kafka message stream ended"))?
                 .map_err(error::map)?;
-            let mut got = Vec::with_capacity(max.min(1024));
+            let mut got = Vec::with_capacity(max.min(4096));
             let mut bodies = Bodies::new(max);
             got.push(self.copy_out(&first, &mut bodies));
             drop(first);
