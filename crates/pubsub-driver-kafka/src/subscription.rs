@@ -260,7 +260,7 @@ impl Tracker {
         i
     }
 
-    fn by_epoch(&mut self, epoch: u64) -> Option<usize> {
+    fn by_epoch(&self, epoch: u64) -> Option<usize> {
         self.parts.binary_search_by_key(&epoch, |p| p.epoch).ok()
     }
 
@@ -303,14 +303,11 @@ impl ConsumerContext for KafkaContext {
         let tpl = {
             let mut t = lock(&self.tracker);
             t.revocations += 1;
-            let is_revoked = |p: &Part| {
-                revoked
-                    .elements()
-                    .iter()
-                    .any(|e| e.partition() == p.partition && e.topic() == &*p.topic)
-            };
             let gone: Vec<usize> = (0..t.parts.len())
-                .filter(|&i| is_revoked(&t.parts[i]))
+                .filter(|&i| {
+                    let p = &t.parts[i];
+                    revoked.find_partition(&p.topic, p.partition).is_some()
+                })
                 .collect();
             let tpl = t.positions(gone.iter().copied());
             let epochs: Vec<u64> = gone.iter().map(|&i| t.parts[i].epoch).collect();
@@ -544,33 +541,9 @@ impl KafkaSubscription {
     }
 }
 
-/// `topic/partition/offset`, built without the formatting machinery: it is
-/// made for every message received.
+/// `topic/partition/offset`.
 fn delivery_id(topic: &str, partition: i32, offset: i64) -> String {
-    fn push_int(out: &mut String, n: i64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        let mut v = n.unsigned_abs();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        if n < 0 {
-            out.push('-');
-        }
-        out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
-    }
-    let mut id = String::with_capacity(topic.len() + 2 + 11 + 20);
-    id.push_str(topic);
-    id.push('/');
-    push_int(&mut id, i64::from(partition));
-    id.push('/');
-    push_int(&mut id, offset);
-    id
+    format!("{topic}/{partition}/{offset}")
 }
 
 /// Where a batch's small bodies are copied: one allocation holds many, and
@@ -723,18 +696,20 @@ impl driver::Subscription for KafkaSubscription {
             let mut t = lock(&self.tracker);
             let mut touched = Vec::new();
             for (epoch, offset) in acks(ids) {
-                if let Some(p) = t.find(epoch, offset) {
+                let Some(i) = t.by_epoch(epoch) else {
+                    continue;
+                };
+                if let Some(p) = t.parts[i].find(offset) {
                     p.acked = true;
                     p.copy = None;
-                    if touched.last() != Some(&epoch) {
-                        touched.push(epoch);
+                    if touched.last() != Some(&i) {
+                        touched.push(i);
                     }
                 }
             }
             touched.sort_unstable();
             touched.dedup();
-            let indices: Vec<usize> = touched.iter().filter_map(|&e| t.by_epoch(e)).collect();
-            t.positions(indices.into_iter())
+            t.positions(touched.into_iter())
         };
         if tpl.count() == 0 {
             return Ok(());
