@@ -92,6 +92,34 @@ fn missing_arguments_exit_with_usage() {
 }
 
 /// A round trip through RabbitMQ: the CLI sends, then receives as JSON.
+/// Sends `body` with the attribute `k=v` through the CLI, then receives one
+/// message as JSON and returns it. `env` points the CLI at the broker.
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+fn send_then_receive_json(
+    env: (&str, &str),
+    send_url: &str,
+    receive_url: &str,
+    body: &str,
+) -> serde_json::Value {
+    pubsub()
+        .env(env.0, env.1)
+        .args(["send", send_url, "--attr", "k=v", body])
+        .assert()
+        .success();
+    let out = pubsub()
+        .env(env.0, env.1)
+        .args(["receive", receive_url, "--count", "1", "--json"])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[cfg(feature = "amqp")]
 #[test]
 fn rabbit_send_then_receive_json() {
@@ -138,34 +166,8 @@ fn rabbit_send_then_receive_json() {
         .unwrap();
         conn
     });
-    pubsub()
-        .env("RABBIT_SERVER_URL", &url)
-        .args([
-            "send",
-            &format!("rabbit://{name}"),
-            "--attr",
-            "k=v",
-            "hi there",
-        ])
-        .assert()
-        .success();
-    let out = pubsub()
-        .env("RABBIT_SERVER_URL", &url)
-        .args([
-            "receive",
-            &format!("rabbit://{name}"),
-            "--count",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let target = format!("rabbit://{name}");
+    let line = send_then_receive_json(("RABBIT_SERVER_URL", &url), &target, &target, "hi there");
     assert_eq!(line["body"], "hi there");
     assert_eq!(line["attributes"]["k"], "v");
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
@@ -199,35 +201,12 @@ fn kafka_send_then_receive_json() {
             r.unwrap();
         }
     });
-    pubsub()
-        .env("KAFKA_BROKERS", &brokers)
-        .args([
-            "send",
-            &format!("kafka://{topic}"),
-            "--attr",
-            "k=v",
-            "hi kafka",
-        ])
-        .assert()
-        .success();
-    let out = pubsub()
-        .env("KAFKA_BROKERS", &brokers)
-        .args([
-            "receive",
-            &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
-            "--count",
-            "1",
-            "--json",
-        ])
-        .timeout(std::time::Duration::from_secs(60))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let line = send_then_receive_json(
+        ("KAFKA_BROKERS", &brokers),
+        &format!("kafka://{topic}"),
+        &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
+        "hi kafka",
     );
-    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["body"], "hi kafka");
     assert_eq!(line["attributes"]["k"], "v");
 }
