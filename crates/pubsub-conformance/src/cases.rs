@@ -644,12 +644,15 @@ pub async fn concurrent_senders_and_receivers(h: &impl Harness) {
         });
     }
     let seen = Arc::new(Mutex::new(HashMap::<bytes::Bytes, usize>::new()));
-    let done = Arc::new(tokio::sync::Notify::new());
+    // A value, not a notification: a receiver busy with a message when the
+    // last one arrives must still see that all is done once it looks.
+    let (done, _) = tokio::sync::watch::channel(false);
     let mut recv_tasks = tokio::task::JoinSet::new();
     for _ in 0..receivers {
         let sub = f.sub.clone();
         let seen = seen.clone();
         let done = done.clone();
+        let mut finished = done.subscribe();
         recv_tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -662,11 +665,11 @@ pub async fn concurrent_senders_and_receivers(h: &impl Harness) {
                         };
                         m.ack();
                         if complete {
-                            done.notify_waiters();
+                            done.send_replace(true);
                             return;
                         }
                     }
-                    _ = done.notified() => return,
+                    _ = finished.wait_for(|all| *all) => return,
                 }
             }
         });
@@ -677,8 +680,6 @@ pub async fn concurrent_senders_and_receivers(h: &impl Harness) {
     let wait = tokio::time::timeout(ARRIVAL * 3, async {
         while let Some(r) = recv_tasks.join_next().await {
             r.expect("receiver");
-            // One receiver saw the last message; the others stop too.
-            done.notify_waiters();
         }
     })
     .await;
