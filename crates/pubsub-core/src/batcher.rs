@@ -17,6 +17,10 @@ use crate::driver::{BatchError, BatchLimits};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 
+/// Below this, a handler lets the scheduler run once before it takes the
+/// next batch.
+const SMALL_BATCH: usize = 64;
+
 /// Retries a temporary failure gets once shutdown has begun.
 const SHUTDOWN_RETRIES: u32 = 5;
 
@@ -60,6 +64,9 @@ struct Inner<T> {
 
 struct State<T> {
     pending: VecDeque<Entry<T>>,
+    /// An emptied batch's buffer, to become `pending` when a handler next
+    /// takes everything, so a stream of items does not regrow one.
+    spare: VecDeque<Entry<T>>,
     active: usize,
     /// Set by `shutdown`: send what waits even below the minimum.
     flushing: bool,
@@ -98,6 +105,7 @@ impl<T: Send + 'static> Batcher<T> {
                 handler,
                 state: Mutex::new(State {
                     pending: VecDeque::new(),
+                    spare: VecDeque::new(),
                     active: 0,
                     flushing: false,
                     closed: false,
@@ -157,11 +165,11 @@ impl<T: Send + 'static> Batcher<T> {
                 let _slot = Slot(self);
                 let (tx, mut rx) = oneshot::channel();
                 self.inner
-                    .run(vec![Entry {
+                    .run(&mut VecDeque::from([Entry {
                         item: item.take().expect("not yet moved"),
                         size,
                         reply: Some(tx),
-                    }])
+                    }]))
                     .await;
                 return rx
                     .try_recv()
@@ -279,8 +287,16 @@ impl<T: Send + 'static> Inner<T> {
                 >= min
     }
 
-    fn take_batch(&self, st: &mut State<T>) -> Vec<Entry<T>> {
-        let mut batch = Vec::with_capacity(st.pending.len().min(self.limits.max_batch_size));
+    /// Called under the lock that every new item takes too, so the common
+    /// case (all that waits fits one batch, no byte limit) swaps the queue
+    /// out whole instead of walking it; withdrawn items are skipped when
+    /// the batch runs.
+    fn take_batch(&self, st: &mut State<T>) -> VecDeque<Entry<T>> {
+        if self.limits.max_batch_bytes.is_none() && st.pending.len() <= self.limits.max_batch_size {
+            let spare = std::mem::take(&mut st.spare);
+            return std::mem::replace(&mut st.pending, spare);
+        }
+        let mut batch = VecDeque::with_capacity(st.pending.len().min(self.limits.max_batch_size));
         let mut bytes = 0usize;
         while batch.len() < self.limits.max_batch_size {
             let Some(front) = st.pending.front() else {
@@ -296,7 +312,7 @@ impl<T: Send + 'static> Inner<T> {
                 }
             }
             bytes += front.size;
-            batch.push(st.pending.pop_front().expect("front exists"));
+            batch.push_back(st.pending.pop_front().expect("front exists"));
         }
         batch
     }
@@ -320,9 +336,14 @@ impl<T: Send + 'static> Inner<T> {
         }
         let mut release = Release(self.clone(), true);
         let mut lingered = false;
+        // The last batch's buffer, emptied by `run`.
+        let mut done = VecDeque::new();
         loop {
             let batch = {
                 let mut st = self.lock();
+                if done.capacity() > st.spare.capacity() {
+                    st.spare = std::mem::take(&mut done);
+                }
                 if !self.ready(&st) {
                     if lingered {
                         // Leave under the lock that found nothing to do: an
@@ -347,8 +368,17 @@ impl<T: Send + 'static> Inner<T> {
                 continue;
             };
             lingered = false;
-            if !batch.is_empty() {
-                self.run(batch).await;
+            done = batch;
+            let small = done.len() < SMALL_BATCH;
+            if !done.is_empty() {
+                self.run(&mut done).await;
+            }
+            if small {
+                // A quick driver call (acks that are local bookkeeping)
+                // would otherwise have this loop take a few items at a
+                // time, contending for the lock with every item added;
+                // one turn of the scheduler lets more join the next batch.
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -374,13 +404,21 @@ impl<T: Send + 'static> Inner<T> {
     }
 
     /// Hands one batch to the driver, retrying temporary failures of the
-    /// items that failed, and reports each item's final result.
-    async fn run(&self, batch: Vec<Entry<T>>) {
+    /// items that failed, and reports each item's final result. Leaves
+    /// `batch` empty. Withdrawn items are dropped here, before the driver
+    /// sees them.
+    async fn run(&self, batch: &mut VecDeque<Entry<T>>) {
         let mut items = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for e in batch {
+        for e in batch.drain(..) {
+            if e.withdrawn() {
+                continue;
+            }
             items.push(e.item);
             replies.push(e.reply);
+        }
+        if items.is_empty() {
+            return;
         }
         let mut attempt = 0u32;
         loop {
@@ -684,6 +722,31 @@ mod tests {
             1,
             "and reports the loss"
         );
+    }
+
+    /// Whole-queue takes (no byte limit) still split what waits at the
+    /// maximum, in order, and reuse the emptied buffer.
+    #[tokio::test]
+    async fn whole_queue_takes_respect_the_maximum_and_the_order() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(5),
+            ..Default::default()
+        });
+        let b = Batcher::new(BatchLimits::new(4, 1), fast_retry(), rec.clone());
+        for round in 0..3u32 {
+            b.add_detached_many(round * 100..round * 100 + 10).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            b.add_detached(round * 100 + 10, 0).unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        b.shutdown().await;
+        let batches = rec.batches.lock().unwrap().clone();
+        assert!(
+            batches.iter().all(|x| !x.is_empty() && x.len() <= 4),
+            "{batches:?}"
+        );
+        let want: Vec<u32> = (0..3).flat_map(|r| r * 100..=r * 100 + 10).collect();
+        assert_eq!(batches.concat(), want);
     }
 
     #[tokio::test]
