@@ -203,40 +203,11 @@ pub struct ReceivedMessage {
     pub delivery_attempt: Option<u32>,
     /// The backend's own message, for [`crate::Message::as_raw`].
     pub raw: Option<Box<dyn Any + Send + Sync>>,
-    /// Builds `id` and `raw` only when the application asks for them,
-    /// instead of the two fields above; see [`ReceivedMessage::describe_lazily`].
-    pub lazy: Option<LazyDetails>,
-}
-
-/// Builds the id and the raw form of received messages on demand.
-///
-/// A driver that receives at high rates shares one of these among many
-/// messages (a Kafka partition, say) and gives each message two numbers
-/// (its offset and timestamp, say), so that a message whose id and raw form
-/// nobody reads costs no allocation for them.
-pub trait Describe: Send + Sync + 'static {
-    /// The message's id, fit for logs.
-    fn id(&self, at: (i64, i64)) -> String;
-
-    /// The backend's own message, for [`crate::Message::as_raw`].
-    /// `ordering_key` is the received message's.
-    fn raw(&self, at: (i64, i64), ordering_key: Option<&str>)
-        -> Option<Box<dyn Any + Send + Sync>>;
-}
-
-/// A shared [`Describe`] and the numbers that pick one message out for it.
-#[derive(Clone)]
-pub struct LazyDetails {
-    /// What builds the details.
-    pub by: Arc<dyn Describe>,
-    /// Which message, in `by`'s terms.
-    pub at: (i64, i64),
-}
-
-impl fmt::Debug for LazyDetails {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.by.id(self.at))
-    }
+    /// Set instead of `id` and `raw` by [`ReceivedMessage::describe_lazily`]:
+    /// two numbers from which, with the ack id, the driver's
+    /// [`Subscription::describe_id`] and [`Subscription::describe_raw`]
+    /// build those only when the application asks.
+    pub lazy: Option<(i64, i64)>,
 }
 
 impl ReceivedMessage {
@@ -254,17 +225,19 @@ impl ReceivedMessage {
         }
     }
 
-    /// A received message whose id and raw form `by` builds when asked:
-    /// `id` is left empty and `raw` unset.
+    /// A received message whose id and raw form the driver builds from
+    /// `ack_id` and `at` when asked (`id` is left empty and `raw` unset), so
+    /// that a message nobody asks about costs neither. For drivers that
+    /// receive at high rates: the message holds nothing shared, and its
+    /// driver is reached through the subscription.
     pub fn describe_lazily(
         body: Bytes,
         attributes: Attributes,
         ack_id: AckId,
-        by: Arc<dyn Describe>,
         at: (i64, i64),
     ) -> Self {
         let mut m = ReceivedMessage::new(body, attributes, String::new(), ack_id);
-        m.lazy = Some(LazyDetails { by, at });
+        m.lazy = Some(at);
         m
     }
 }
@@ -459,6 +432,28 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
 
     /// The backend's own client, for [`crate::Subscription::as_raw`].
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        None
+    }
+
+    /// The id, fit for logs, of a message this driver made with
+    /// [`ReceivedMessage::describe_lazily`]; called at most once a message,
+    /// and only if the application asks, possibly after the message was
+    /// settled or the subscription shut down.
+    fn describe_id(&self, ack_id: &AckId, at: (i64, i64)) -> String {
+        let _ = at;
+        format!("{ack_id:?}")
+    }
+
+    /// The backend's own form of such a message, for
+    /// [`crate::Message::as_raw`]; `ordering_key` is the message's when
+    /// first asked. Called at most once a message.
+    fn describe_raw(
+        &self,
+        ack_id: &AckId,
+        at: (i64, i64),
+        ordering_key: Option<&str>,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        let _ = (ack_id, at, ordering_key);
         None
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::driver::{AckId, AfterSend, BeforeSend, LazyDetails, OutgoingMessage, ReceivedMessage};
+use crate::driver::{AckId, AfterSend, BeforeSend, OutgoingMessage, ReceivedMessage};
 use crate::error::{Error, Result};
 use crate::subscription::Shared;
 
@@ -50,26 +50,34 @@ pub(crate) enum Details {
         id: String,
         raw: Option<Raw>,
     },
+    /// Built by the subscription's driver from the ack id and these
+    /// numbers.
     Lazy {
-        lazy: LazyDetails,
+        at: (i64, i64),
         id: OnceLock<String>,
         raw: OnceLock<Option<Raw>>,
     },
 }
 
-impl Details {
+impl Receipt {
     pub(crate) fn id(&self) -> &str {
-        match self {
+        match &self.details {
             Details::Given { id, .. } => id,
-            Details::Lazy { lazy, id, .. } => id.get_or_init(|| lazy.by.id(lazy.at)),
+            Details::Lazy { at, id, .. } => {
+                id.get_or_init(|| self.sub.driver().describe_id(&self.ack_id, *at))
+            }
         }
     }
 
     fn raw(&self, ordering_key: Option<&str>) -> Option<&(dyn Any + Send + Sync)> {
-        match self {
+        match &self.details {
             Details::Given { raw, .. } => raw.as_deref(),
-            Details::Lazy { lazy, raw, .. } => raw
-                .get_or_init(|| lazy.by.raw(lazy.at, ordering_key))
+            Details::Lazy { at, raw, .. } => raw
+                .get_or_init(|| {
+                    self.sub
+                        .driver()
+                        .describe_raw(&self.ack_id, *at, ordering_key)
+                })
                 .as_deref(),
         }
     }
@@ -174,7 +182,7 @@ impl Message {
 
     /// The backend's id of a received message, fit for logs.
     pub fn id(&self) -> Option<&str> {
-        self.receipt.as_ref().map(|r| r.details.id())
+        self.receipt.as_ref().map(Receipt::id)
     }
 
     /// How many times a received message has been delivered, counting this
@@ -188,7 +196,7 @@ impl Message {
     /// on first use, it carries the ordering key the message had then.
     pub fn as_raw<T: Any>(&self) -> Option<&T> {
         let key = self.ordering_key.as_deref();
-        self.receipt.as_ref()?.details.raw(key)?.downcast_ref::<T>()
+        self.receipt.as_ref()?.raw(key)?.downcast_ref::<T>()
     }
 
     /// Takes the body, leaving an empty one.
@@ -201,8 +209,11 @@ impl Message {
     /// shows in later `receive` and `shutdown` calls. Does nothing on a
     /// message that was never received.
     pub fn ack(mut self) {
-        if let Some(r) = self.receipt.take() {
-            r.sub.clone().settle_ack(r);
+        if let Some(Receipt {
+            sub, ack_id, token, ..
+        }) = self.receipt.take()
+        {
+            sub.settle_ack(ack_id, token);
         }
     }
 
@@ -254,8 +265,8 @@ impl Message {
             after_send: None,
             receipt: Some(Receipt {
                 details: match m.lazy {
-                    Some(lazy) => Details::Lazy {
-                        lazy,
+                    Some(at) => Details::Lazy {
+                        at,
                         id: OnceLock::new(),
                         raw: OnceLock::new(),
                     },
@@ -312,7 +323,7 @@ impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Message");
         if let Some(r) = &self.receipt {
-            d.field("id", &r.details.id());
+            d.field("id", &r.id());
         }
         d.field("body_len", &self.body.len())
             .field("attributes", &self.attributes);

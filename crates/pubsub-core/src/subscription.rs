@@ -578,6 +578,10 @@ impl Drop for WaitGuard<'_> {
 }
 
 impl Shared {
+    pub(crate) fn driver(&self) -> &dyn driver::Subscription {
+        &*self.driver
+    }
+
     fn error(&self, e: Error, op: &str) -> Error {
         e.with_context_default("driver", self.driver.driver_name())
             .with_context_default("resource", self.driver.resource())
@@ -751,12 +755,9 @@ impl Shared {
         self.fetch_done.notify_waiters();
     }
 
-    pub(crate) fn settle_ack(self: Arc<Self>, r: Receipt) {
+    pub(crate) fn settle_ack(&self, id: AckId, token: u64) {
         self.acked.fetch_add(1, Ordering::Relaxed);
-        let item = Settle {
-            id: r.ack_id,
-            token: r.token,
-        };
+        let item = Settle { id, token };
         if self.acks.add_detached(item, 0).is_err() {
             tracing::debug!("ack after shutdown ignored; the backend will redeliver");
         }
@@ -766,7 +767,7 @@ impl Shared {
         self.nacked.fetch_add(1, Ordering::Relaxed);
         if dropped && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
-                id = %r.details.id(),
+                id = %r.id(),
                 "a received message was dropped without ack or nack; it is nacked (further drops are counted in stats, not logged)"
             );
         }
@@ -999,27 +1000,12 @@ mod tests {
     /// A fake driver whose messages describe themselves lazily, counting
     /// how often it is asked to.
     #[derive(Debug, Default)]
-    struct Lazy(Arc<Counts>);
+    struct Lazy(Counts);
 
     #[derive(Debug, Default)]
     struct Counts {
         ids: AtomicUsize,
         raws: AtomicUsize,
-    }
-
-    impl driver::Describe for Counts {
-        fn id(&self, at: (i64, i64)) -> String {
-            self.ids.fetch_add(1, Ordering::SeqCst);
-            format!("p/{}", at.0)
-        }
-        fn raw(
-            &self,
-            at: (i64, i64),
-            ordering_key: Option<&str>,
-        ) -> Option<Box<dyn Any + Send + Sync>> {
-            self.raws.fetch_add(1, Ordering::SeqCst);
-            Some(Box::new((at.1, ordering_key.map(str::to_owned))))
-        }
     }
 
     #[async_trait]
@@ -1033,13 +1019,24 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities::default()
         }
+        fn describe_id(&self, ack_id: &AckId, at: (i64, i64)) -> String {
+            self.0.ids.fetch_add(1, Ordering::SeqCst);
+            format!("p{}/{}", ack_id.as_u64().unwrap_or_default(), at.0)
+        }
+        fn describe_raw(
+            &self,
+            _ack_id: &AckId,
+            at: (i64, i64),
+            ordering_key: Option<&str>,
+        ) -> Option<Box<dyn Any + Send + Sync>> {
+            self.0.raws.fetch_add(1, Ordering::SeqCst);
+            Some(Box::new((at.1, ordering_key.map(str::to_owned))))
+        }
         async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
-            let by: Arc<dyn driver::Describe> = self.0.clone();
             let mut m = ReceivedMessage::describe_lazily(
                 Bytes::from_static(b"x"),
                 Default::default(),
                 AckId::from_u64(1),
-                by,
                 (7, 42),
             );
             m.ordering_key = Some("k".into());
@@ -1059,16 +1056,19 @@ mod tests {
         let m = sub.receive().await.unwrap();
         assert_eq!(d.0.ids.load(Ordering::SeqCst), 0);
         assert_eq!(d.0.raws.load(Ordering::SeqCst), 0);
-        assert_eq!(m.id(), Some("p/7"));
-        assert_eq!(m.id(), Some("p/7"));
-        assert!(format!("{m:?}").contains("p/7"));
+        assert_eq!(m.id(), Some("p1/7"));
+        assert_eq!(m.id(), Some("p1/7"));
+        assert!(format!("{m:?}").contains("p1/7"));
         let raw = m.as_raw::<(i64, Option<String>)>().unwrap();
         assert_eq!(raw, &(42, Some("k".to_owned())));
         assert!(m.as_raw::<String>().is_none());
         assert_eq!(d.0.ids.load(Ordering::SeqCst), 1, "built once");
         assert_eq!(d.0.raws.load(Ordering::SeqCst), 1, "built once");
         m.ack();
+        let later = sub.receive().await.unwrap();
         sub.shutdown().await.unwrap();
+        assert_eq!(later.id(), Some("p1/7"), "described after shutdown");
+        drop(later);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Describe, ReceivedMessage};
+use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
 use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -84,6 +84,8 @@ struct Part {
     /// `Tracker::parts`.
     epoch: u64,
     topic: Arc<str>,
+    /// The topic's place in the subscription's list.
+    topic_ix: usize,
     partition: i32,
     /// Delivered and not yet committed, in offset order.
     pending: VecDeque<Pending>,
@@ -91,30 +93,9 @@ struct Part {
     high: i64,
     /// The last offset committed (the next one to read).
     committed: i64,
-    /// By timestamp kind, made on first use.
-    describers: [Option<Arc<PartDescriber>>; 3],
 }
 
 impl Part {
-    /// What describes a delivery with this timestamp, and the numbers
-    /// that pick it out.
-    fn describer(&mut self, timestamp: Timestamp, offset: i64) -> (Arc<dyn Describe>, (i64, i64)) {
-        let (kind, millis) = match timestamp {
-            Timestamp::NotAvailable => (NO_TIMESTAMP, -1),
-            Timestamp::CreateTime(t) => (CREATE_TIME, t),
-            Timestamp::LogAppendTime(t) => (LOG_APPEND_TIME, t),
-        };
-        let (topic, partition) = (&self.topic, self.partition);
-        let d = self.describers[kind].get_or_insert_with(|| {
-            Arc::new(PartDescriber {
-                topic: topic.to_string(),
-                partition,
-                kind,
-            })
-        });
-        (d.clone(), (offset, millis))
-    }
-
     /// The next offset to read once the acked prefix is dropped: the first
     /// unacked delivery, or one past the last delivered.
     fn advance(&mut self) -> Option<i64> {
@@ -170,46 +151,38 @@ struct Redelivery {
     attempt: u32,
 }
 
-/// Builds, on demand, the ids and raw records of one partition's
-/// deliveries whose timestamps are of one kind; a delivery is picked out by
-/// its offset and timestamp.
-struct PartDescriber {
-    topic: String,
-    partition: i32,
-    kind: usize,
+/// Where [`describe_at`] keeps the topic's place: 30 bits, between the
+/// timestamp's kind (2 bits) and the partition (32).
+const TOPIC_BITS: i64 = 0x3FFF_FFFF;
+
+/// The two numbers a lazily described message keeps: its timestamp's
+/// milliseconds, and the timestamp's kind with the message's topic (its
+/// place in the subscription's list) and partition. With the offset in the
+/// ack id they describe the delivery without a lookup, for as long as the
+/// message lives.
+fn describe_at(timestamp: Timestamp, topic: usize, partition: i32) -> (i64, i64) {
+    let (millis, kind) = match timestamp {
+        Timestamp::NotAvailable => (-1, 0),
+        Timestamp::CreateTime(t) => (t, 1),
+        Timestamp::LogAppendTime(t) => (t, 2),
+    };
+    let topic = (topic as i64 & TOPIC_BITS) << 2;
+    (millis, (i64::from(partition) << 32) | topic | kind)
 }
 
-const NO_TIMESTAMP: usize = 0;
-const CREATE_TIME: usize = 1;
-const LOG_APPEND_TIME: usize = 2;
-
-impl Describe for PartDescriber {
-    fn id(&self, (offset, _): (i64, i64)) -> String {
-        delivery_id(&self.topic, self.partition, offset)
-    }
-
-    fn raw(
-        &self,
-        (offset, millis): (i64, i64),
-        ordering_key: Option<&str>,
-    ) -> Option<Box<dyn Any + Send + Sync>> {
-        let timestamp = match self.kind {
-            CREATE_TIME => Timestamp::CreateTime(millis),
-            LOG_APPEND_TIME => Timestamp::LogAppendTime(millis),
-            _ => Timestamp::NotAvailable,
-        };
-        // Headers are the attributes already and the payload the body; the
-        // raw record carries the rest.
-        Some(Box::new(OwnedMessage::new(
-            None,
-            ordering_key.map(|k| k.as_bytes().to_vec()),
-            self.topic.clone(),
-            timestamp,
-            self.partition,
-            offset,
-            None,
-        )))
-    }
+/// The timestamp, topic and partition [`describe_at`] packed.
+fn described((millis, packed): (i64, i64)) -> (Timestamp, usize, i32) {
+    let timestamp = match packed & 3 {
+        1 => Timestamp::CreateTime(millis),
+        2 => Timestamp::LogAppendTime(millis),
+        _ => Timestamp::NotAvailable,
+    };
+    // The shift is arithmetic, so the partition keeps its sign.
+    (
+        timestamp,
+        ((packed >> 2) & TOPIC_BITS) as usize,
+        (packed >> 32) as i32,
+    )
 }
 
 #[derive(Default)]
@@ -235,8 +208,8 @@ fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
 impl Tracker {
     /// The partition's index, created with a fresh epoch when this consumer
     /// has not seen the partition since it was (re)assigned.
-    fn part(&mut self, topic: &Arc<str>, partition: i32) -> usize {
-        let is = |p: &Part| p.partition == partition && *p.topic == **topic;
+    fn part(&mut self, topic_ix: usize, topic: &Arc<str>, partition: i32) -> usize {
+        let is = |p: &Part| p.partition == partition && p.topic_ix == topic_ix;
         if self.parts.get(self.last).is_some_and(is) {
             return self.last;
         }
@@ -247,11 +220,11 @@ impl Tracker {
                 self.parts.push(Part {
                     epoch: self.next_epoch,
                     topic: topic.clone(),
+                    topic_ix,
                     partition,
                     pending: VecDeque::new(),
                     high: 0,
                     committed: -1,
-                    describers: Default::default(),
                 });
                 self.parts.len() - 1
             }
@@ -449,16 +422,35 @@ impl KafkaSubscription {
             .into_iter()
             .filter_map(|r| {
                 // Redeliveries of revoked partitions were dropped with them.
-                let i = t.by_epoch(r.epoch)?;
-                let (by, at) = t.parts[i].describer(r.copy.timestamp, r.offset);
-                Some(to_received(by, at, r.epoch, r.copy, r.attempt))
+                let part = &t.parts[t.by_epoch(r.epoch)?];
+                let (topic, partition) = (part.topic_ix, part.partition);
+                Some(to_received(
+                    r.epoch, topic, partition, r.offset, r.copy, r.attempt,
+                ))
             })
             .collect()
     }
 
     /// What is kept of a message: copied out at once, so librdkafka's
     /// buffer is released while the next message is polled.
-    fn copy_out(&self, m: &BorrowedMessage<'_>, bodies: &mut Bodies) -> Delivered {
+    fn copy_out(&self, m: &BorrowedMessage<'_>, bodies: &mut Bodies) -> Option<Delivered> {
+        // Reading the topic's name costs a strlen and a UTF-8 check a
+        // message; with one topic subscribed it is known.
+        let topic = match &self.topic_names[..] {
+            [_] => 0,
+            names => {
+                let name = m.topic();
+                let Some(i) = names.iter().position(|t| **t == *name) else {
+                    // Subscribing by names delivers only those topics.
+                    tracing::error!(
+                        topic = name,
+                        "ignored a message of a topic not subscribed to"
+                    );
+                    return None;
+                };
+                i
+            }
+        };
         let body = bodies.copy(m.payload().unwrap_or_default());
         let mut attributes = Attributes::new();
         if let Some(h) = m.headers() {
@@ -471,19 +463,7 @@ impl KafkaSubscription {
             }
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        // Reading the topic's name costs a strlen and a UTF-8 check a
-        // message; with one topic subscribed it is known.
-        let topic = match &self.topic_names[..] {
-            [only] => only.clone(),
-            names => {
-                let name = m.topic();
-                match names.iter().find(|t| ***t == *name) {
-                    Some(t) => t.clone(),
-                    None => Arc::from(name),
-                }
-            }
-        };
-        Delivered {
+        Some(Delivered {
             topic,
             partition: m.partition(),
             offset: m.offset(),
@@ -493,7 +473,7 @@ impl KafkaSubscription {
                 key,
                 timestamp: m.timestamp(),
             },
-        }
+        })
     }
 
     /// Drops messages polled before their partition was revoked during
@@ -505,7 +485,11 @@ impl KafkaSubscription {
             return Vec::new();
         };
         got.into_iter()
-            .filter(|d| assigned.find_partition(&d.topic, d.partition).is_some())
+            .filter(|d| {
+                assigned
+                    .find_partition(&self.topic_names[d.topic], d.partition)
+                    .is_some()
+            })
             .collect()
     }
 
@@ -513,11 +497,17 @@ impl KafkaSubscription {
         let mut t = lock(&self.tracker);
         let mut out = Vec::with_capacity(got.len());
         for d in got {
-            let i = t.part(&d.topic, d.partition);
+            let i = t.part(d.topic, &self.topic_names[d.topic], d.partition);
             let part = &mut t.parts[i];
             part.record(d.offset, d.copy.clone());
-            let (by, at) = part.describer(d.copy.timestamp, d.offset);
-            out.push(to_received(by, at, part.epoch, d.copy, 1));
+            out.push(to_received(
+                part.epoch,
+                d.topic,
+                d.partition,
+                d.offset,
+                d.copy,
+                1,
+            ));
         }
         out
     }
@@ -538,6 +528,15 @@ impl KafkaSubscription {
             }
         }
         tpl
+    }
+
+    /// The topic, partition, offset and timestamp of a delivery this
+    /// driver made.
+    fn delivery(&self, ack_id: &AckId, at: (i64, i64)) -> Option<(&str, i32, i64, Timestamp)> {
+        let (_, offset) = ack_id.as_u64_pair()?;
+        let (timestamp, topic, partition) = described(at);
+        let topic = self.topic_names.get(topic)?;
+        Some((topic, partition, offset as i64, timestamp))
     }
 }
 
@@ -588,21 +587,27 @@ impl Bodies {
 
 /// A polled message, copied out of librdkafka and not yet tracked.
 struct Delivered {
-    topic: Arc<str>,
+    /// The topic's place in the subscription's list.
+    topic: usize,
     partition: i32,
     offset: i64,
     copy: Copy,
 }
 
+/// The message handed out: its id and raw record are built by
+/// [`KafkaSubscription`]'s `describe_id` and `describe_raw` if asked, from
+/// the ack id (epoch, offset) and [`describe_at`]'s numbers.
 fn to_received(
-    by: Arc<dyn Describe>,
-    at: (i64, i64),
     epoch: u64,
+    topic: usize,
+    partition: i32,
+    offset: i64,
     c: Copy,
     attempt: u32,
 ) -> ReceivedMessage {
-    let ack = AckId::from_u64_pair(epoch, at.0 as u64);
-    let mut m = ReceivedMessage::describe_lazily(c.body, c.attributes, ack, by, at);
+    let ack = AckId::from_u64_pair(epoch, offset as u64);
+    let at = describe_at(c.timestamp, topic, partition);
+    let mut m = ReceivedMessage::describe_lazily(c.body, c.attributes, ack, at);
     m.delivery_attempt = Some(attempt);
     m.ordering_key = c.key;
     m
@@ -669,13 +674,13 @@ impl driver::Subscription for KafkaSubscription {
                 .map_err(error::map)?;
             let mut got = Vec::with_capacity(max.min(4096));
             let mut bodies = Bodies::new(max);
-            got.push(self.copy_out(&first, &mut bodies));
+            got.extend(self.copy_out(&first, &mut bodies));
             drop(first);
             // Take what has already arrived; no message is held across an
             // await, and each is released before the next is polled.
             while got.len() < max {
                 match stream.next().now_or_never() {
-                    Some(Some(Ok(m))) => got.push(self.copy_out(&m, &mut bodies)),
+                    Some(Some(Ok(m))) => got.extend(self.copy_out(&m, &mut bodies)),
                     Some(Some(Err(e))) => {
                         tracing::warn!(error = %e, "Kafka consumer error");
                         break;
@@ -793,11 +798,55 @@ impl driver::Subscription for KafkaSubscription {
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
         Some(&*self.consumer)
     }
+
+    fn describe_id(&self, ack_id: &AckId, at: (i64, i64)) -> String {
+        match self.delivery(ack_id, at) {
+            Some((topic, partition, offset, _)) => delivery_id(topic, partition, offset),
+            None => format!("{ack_id:?}"),
+        }
+    }
+
+    fn describe_raw(
+        &self,
+        ack_id: &AckId,
+        at: (i64, i64),
+        ordering_key: Option<&str>,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        let (topic, partition, offset, timestamp) = self.delivery(ack_id, at)?;
+        // Headers are the attributes already and the payload the body; the
+        // raw record carries the rest.
+        Some(Box::new(OwnedMessage::new(
+            None,
+            ordering_key.map(|k| k.as_bytes().to_vec()),
+            topic.to_owned(),
+            timestamp,
+            partition,
+            offset,
+            None,
+        )))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::delivery_id;
+    use super::{delivery_id, describe_at, described};
+    use rdkafka::Timestamp;
+
+    #[test]
+    fn describe_numbers_keep_timestamp_topic_and_partition() {
+        for (ts, topic, partition) in [
+            (Timestamp::NotAvailable, 0, 0),
+            (Timestamp::CreateTime(1_700_000_000_123), 3, 11),
+            (Timestamp::LogAppendTime(0), 0x3FFF_FFFF, i32::MAX),
+            (Timestamp::CreateTime(-5), 1, -1),
+            (Timestamp::LogAppendTime(i64::MAX), 7, i32::MIN),
+        ] {
+            assert_eq!(
+                described(describe_at(ts, topic, partition)),
+                (ts, topic, partition)
+            );
+        }
+    }
 
     #[test]
     fn delivery_ids_read_topic_partition_offset() {
