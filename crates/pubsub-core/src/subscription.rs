@@ -441,6 +441,12 @@ impl Subscription {
     /// `FailedPrecondition` after `shutdown`, and with the first permanent
     /// receive or ack error, which fails the subscription for good.
     pub async fn receive(&self) -> Result<Message> {
+        // Under load a message is usually queued already: hand it out
+        // without the span and the machinery of waiting, whose setup and
+        // layers cost more than the hand-over itself.
+        if let Some(r) = self.shared.try_receive() {
+            return r;
+        }
         let d = &*self.shared.driver;
         let span =
             tracing::debug_span!("receive", driver = d.driver_name(), resource = d.resource());
@@ -588,30 +594,40 @@ impl Shared {
             .with_context_default("operation", op)
     }
 
+    /// What `receive` returns without waiting: a queued message, or the
+    /// error that ends receiving; `None` if it must wait.
+    fn try_receive(self: &Arc<Self>) -> Option<Result<Message>> {
+        let mut st = lock(&self.state);
+        self.take(&mut st)
+    }
+
+    fn take(self: &Arc<Self>, st: &mut RecvState) -> Option<Result<Message>> {
+        if self.shut_down.load(Ordering::Acquire) {
+            return Some(Err(self.error(
+                Error::failed_precondition("subscription has been shut down"),
+                "receive",
+            )));
+        }
+        if let Some(e) = self.failure.get() {
+            return Some(Err(e));
+        }
+        if let Some((m, token)) = st.queue.pop_front() {
+            st.sizer.handed += 1;
+            self.maybe_fetch(st);
+            self.received.fetch_add(1, Ordering::Relaxed);
+            return Some(Ok(Message::from_received(m, token, self.clone())));
+        }
+        st.error.clone().map(Err)
+    }
+
     async fn receive(self: &Arc<Self>) -> Result<Message> {
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
             {
                 let mut st = lock(&self.state);
-                if self.shut_down.load(Ordering::Acquire) {
-                    return Err(self.error(
-                        Error::failed_precondition("subscription has been shut down"),
-                        "receive",
-                    ));
-                }
-                if let Some(e) = self.failure.get() {
-                    return Err(e);
-                }
-                if let Some((m, token)) = st.queue.pop_front() {
-                    st.sizer.handed += 1;
-                    self.maybe_fetch(&mut st);
-                    drop(st);
-                    self.received.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Message::from_received(m, token, self.clone()));
-                }
-                if let Some(e) = &st.error {
-                    return Err(e.clone());
+                if let Some(r) = self.take(&mut st) {
+                    return r;
                 }
                 self.waiting.fetch_add(1, Ordering::AcqRel);
                 self.maybe_fetch(&mut st);
