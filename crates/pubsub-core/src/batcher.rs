@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::runtime::Handle;
@@ -59,6 +60,8 @@ struct Inner<T> {
     handler: Arc<dyn BatchHandler<T>>,
     state: Mutex<State<T>>,
     idle: Notify,
+    /// Cuts short a handler's linger when shutdown begins.
+    flush: Notify,
     runtime: Handle,
 }
 
@@ -97,6 +100,7 @@ impl<T: Send + 'static> Batcher<T> {
             min_batch_size: limits.min_batch_size.clamp(1, limits.max_batch_size.max(1)),
             max_batch_bytes: limits.max_batch_bytes,
             max_handlers: limits.max_handlers.max(1),
+            linger: limits.linger.filter(|d| !d.is_zero()),
         };
         Batcher {
             inner: Arc::new(Inner {
@@ -111,6 +115,7 @@ impl<T: Send + 'static> Batcher<T> {
                     closed: false,
                 }),
                 idle: Notify::new(),
+                flush: Notify::new(),
                 runtime: Handle::current(),
             }),
         }
@@ -235,6 +240,7 @@ impl<T: Send + 'static> Batcher<T> {
                 let mut st = self.inner.lock();
                 st.closed = true;
                 st.flushing = true;
+                self.inner.flush.notify_waiters();
                 self.start_handlers(&mut st);
                 if st.active == 0 && st.pending.is_empty() {
                     return;
@@ -334,12 +340,21 @@ impl<T: Send + 'static> Inner<T> {
                 }
             }
         }
+        enum Step<T> {
+            Yield,
+            Linger(Duration),
+            Run(VecDeque<Entry<T>>),
+        }
         let mut release = Release(self.clone(), true);
         let mut lingered = false;
+        // Whether the batch about to be taken has had its linger.
+        let mut waited = false;
         // The last batch's buffer, emptied by `run`.
         let mut done = VecDeque::new();
         loop {
-            let batch = {
+            let flush = self.flush.notified();
+            tokio::pin!(flush);
+            let step = {
                 let mut st = self.lock();
                 if done.capacity() > st.spare.capacity() {
                     st.spare = std::mem::take(&mut done);
@@ -353,21 +368,45 @@ impl<T: Send + 'static> Inner<T> {
                         self.leave(&mut st);
                         return;
                     }
-                    None
+                    Step::Yield
                 } else {
-                    Some(self.take_batch(&mut st))
+                    match self.limits.linger {
+                        Some(wait)
+                            if !waited
+                                && !st.flushing
+                                && st.pending.len() < self.limits.max_batch_size =>
+                        {
+                            // Enabled under the lock that saw no flush, so
+                            // a shutdown after it is not missed.
+                            flush.as_mut().enable();
+                            Step::Linger(wait)
+                        }
+                        _ => Step::Run(self.take_batch(&mut st)),
+                    }
                 }
             };
-            let Some(batch) = batch else {
-                // Items often follow in a stream (an ack a message): one
-                // turn of the scheduler lets the next ones join this
-                // handler instead of each few paying for a task of their
-                // own. The slot stays taken meanwhile, so none is spawned.
-                lingered = true;
-                tokio::task::yield_now().await;
-                continue;
+            let batch = match step {
+                Step::Yield => {
+                    // Items often follow in a stream (an ack a message): one
+                    // turn of the scheduler lets the next ones join this
+                    // handler instead of each few paying for a task of their
+                    // own. The slot stays taken meanwhile, so none is spawned.
+                    lingered = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                Step::Linger(wait) => {
+                    waited = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = &mut flush => {}
+                    }
+                    continue;
+                }
+                Step::Run(batch) => batch,
             };
             lingered = false;
+            waited = false;
             done = batch;
             let small = done.len() < SMALL_BATCH;
             if !done.is_empty() {
@@ -613,6 +652,7 @@ mod tests {
             min_batch_size: 2,
             max_batch_bytes: Some(10),
             max_handlers: 1,
+            linger: None,
         };
         let b = Batcher::new(limits, fast_retry(), rec.clone());
         let lone = b.add(1, 4).unwrap();
@@ -747,6 +787,41 @@ mod tests {
         );
         let want: Vec<u32> = (0..3).flat_map(|r| r * 100..=r * 100 + 10).collect();
         assert_eq!(batches.concat(), want);
+    }
+
+    /// With a linger, a trickle of items waits for company and goes in one
+    /// call; a full batch does not wait; shutdown cuts a linger short.
+    #[tokio::test]
+    async fn linger_gathers_a_trickle_but_not_a_full_batch_or_a_shutdown() {
+        let rec = Arc::new(Recorder::default());
+        let limits = BatchLimits::new(100, 1).with_linger(Duration::from_millis(300));
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        for i in 0..5u32 {
+            b.add_detached(i, 0).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(rec.batches.lock().unwrap().is_empty(), "still lingering");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(*rec.batches.lock().unwrap(), vec![vec![0, 1, 2, 3, 4]]);
+
+        b.add_detached_many(1000..1100).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            rec.batches.lock().unwrap().len(),
+            2,
+            "a full batch goes at once"
+        );
+
+        b.add_detached(7, 0).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        b.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "shutdown waited out the linger: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(rec.batches.lock().unwrap()[2], vec![7]);
     }
 
     #[tokio::test]

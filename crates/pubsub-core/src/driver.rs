@@ -281,6 +281,11 @@ pub struct BatchLimits {
     pub max_batch_bytes: Option<usize>,
     /// Most calls in flight at once.
     pub max_handlers: usize,
+    /// How long a batch short of the maximum waits for more items before
+    /// the call, once; `None` calls at once. For calls with a fixed cost
+    /// whose delay nobody sees (Kafka acks only record offsets until the
+    /// next periodic commit). Shutdown cuts the wait short.
+    pub linger: Option<Duration>,
 }
 
 impl BatchLimits {
@@ -291,12 +296,19 @@ impl BatchLimits {
             min_batch_size: 1,
             max_batch_bytes: None,
             max_handlers,
+            linger: None,
         }
     }
 
     /// Sets the byte limit.
     pub const fn with_max_bytes(mut self, bytes: usize) -> Self {
         self.max_batch_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets how long a batch short of the maximum waits for more items.
+    pub const fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = Some(linger);
         self
     }
 }

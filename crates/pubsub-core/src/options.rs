@@ -19,6 +19,9 @@ pub struct BatchOptions {
     pub max_batch_bytes: Option<usize>,
     /// Most backend calls in flight at once.
     pub max_handlers: Option<usize>,
+    /// How long a batch short of the maximum waits for more items before
+    /// the backend call; zero calls at once.
+    pub linger: Option<Duration>,
 }
 
 impl BatchOptions {
@@ -46,6 +49,12 @@ impl BatchOptions {
         self
     }
 
+    /// Sets how long a batch short of the maximum waits for more items.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = Some(linger);
+        self
+    }
+
     /// The limits in force: the user's choice within the driver's limits.
     pub fn merge(&self, driver: BatchLimits) -> BatchLimits {
         let max_batch_size = self
@@ -65,6 +74,7 @@ impl BatchOptions {
             min_batch_size,
             max_batch_bytes,
             max_handlers: self.max_handlers.unwrap_or(driver.max_handlers).max(1),
+            linger: self.linger.or(driver.linger).filter(|d| !d.is_zero()),
         }
     }
 }
