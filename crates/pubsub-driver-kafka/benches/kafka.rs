@@ -16,7 +16,9 @@
 //!   falls on both alike.
 //!
 //! `cargo bench -p pubsub-driver-kafka --bench kafka [-- sends|receive]`;
-//! `-- receive driver` runs the driver side alone (for a profiler).
+//! `-- receive driver` runs the driver side alone and `-- receive raw` the
+//! raw consumer that reads (for a profiler); `KAFKA_BENCH_RT=current` runs
+//! either on a current-thread runtime, everything on one thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -346,6 +348,13 @@ async fn receive() {
         }
         return;
     }
+    if std::env::args().any(|a| a == "raw") {
+        for _ in 0..tries() {
+            let r = raw_receive(&topic, QUEUE_BACKOFFS[1], true).await;
+            println!("raw: {:.0} msg/s, {:.2} CPU µs/msg", r.rate, r.cpu_us);
+        }
+        return;
+    }
     let (mut raw, mut bare, mut lib) = (Run::default(), Run::default(), Run::default());
     // Each try's driver rate over the raw rates of the same try, measured
     // next to it.
@@ -402,10 +411,17 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let want = |w: &str| what.is_empty() || what.iter().any(|a| a == w);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = if std::env::var("KAFKA_BENCH_RT").is_ok_and(|v| v == "current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     rt.block_on(async {
         if want("sends") {
             sends().await;

@@ -432,8 +432,10 @@ impl KafkaSubscription {
     }
 
     /// What is kept of a message: copied out at once, so librdkafka's
-    /// buffer is released while the next message is polled.
-    fn copy_out(&self, m: &BorrowedMessage<'_>, bodies: &mut Bodies) -> Option<Delivered> {
+    /// buffer is released while the next message is polled. Built as the
+    /// message handed out, whose ack id still lacks the partition's epoch:
+    /// [`KafkaSubscription::track`] fills it in.
+    fn copy_out(&self, m: &BorrowedMessage<'_>, bodies: &mut Bodies) -> Option<ReceivedMessage> {
         // Reading the topic's name costs a strlen and a UTF-8 check a
         // message; with one topic subscribed it is known.
         let topic = match &self.topic_names[..] {
@@ -462,54 +464,51 @@ impl KafkaSubscription {
                 attributes.insert(header.key.to_owned(), v.into_owned());
             }
         }
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        Some(Delivered {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-            copy: Copy {
-                body,
-                attributes,
-                key,
-                timestamp: m.timestamp(),
-            },
-        })
+        let ack = AckId::from_u64_pair(UNTRACKED, m.offset() as u64);
+        let at = describe_at(m.timestamp(), topic, m.partition());
+        let mut r = ReceivedMessage::describe_lazily(body, attributes, ack, at);
+        r.ordering_key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        r.delivery_attempt = Some(1);
+        Some(r)
     }
 
     /// Drops messages polled before their partition was revoked during
     /// the same batch: they were not handed out, their new owner reads them,
     /// and tracking them would bring back a partition this consumer no
     /// longer holds.
-    fn still_assigned(&self, got: Vec<Delivered>) -> Vec<Delivered> {
+    fn still_assigned(&self, got: &mut Vec<ReceivedMessage>) {
         let Ok(assigned) = self.consumer.assignment() else {
-            return Vec::new();
+            got.clear();
+            return;
         };
-        got.into_iter()
-            .filter(|d| {
-                assigned
-                    .find_partition(&self.topic_names[d.topic], d.partition)
-                    .is_some()
-            })
-            .collect()
+        got.retain(|m| {
+            let (_, topic, partition) = described(m.lazy.unwrap_or_default());
+            assigned
+                .find_partition(&self.topic_names[topic], partition)
+                .is_some()
+        });
     }
 
-    fn track(&self, got: Vec<Delivered>) -> Vec<ReceivedMessage> {
+    /// Records each message as pending in its partition, keeping a copy
+    /// for nack, and completes its ack id with the partition's epoch.
+    fn track(&self, got: &mut [ReceivedMessage]) {
         let mut t = lock(&self.tracker);
-        let mut out = Vec::with_capacity(got.len());
-        for d in got {
-            let i = t.part(d.topic, &self.topic_names[d.topic], d.partition);
+        for m in got {
+            let (timestamp, topic, partition) = described(m.lazy.unwrap_or_default());
+            let offset = m.ack_id.as_u64_pair().map_or(0, |(_, o)| o as i64);
+            let i = t.part(topic, &self.topic_names[topic], partition);
             let part = &mut t.parts[i];
-            part.record(d.offset, d.copy.clone());
-            out.push(to_received(
-                part.epoch,
-                d.topic,
-                d.partition,
-                d.offset,
-                d.copy,
-                1,
-            ));
+            part.record(
+                offset,
+                Copy {
+                    body: m.body.clone(),
+                    attributes: m.attributes.clone(),
+                    key: m.ordering_key.clone(),
+                    timestamp,
+                },
+            );
+            m.ack_id = AckId::from_u64_pair(part.epoch, offset as u64);
         }
-        out
     }
 
     /// The commit position of every partition this consumer holds.
@@ -585,14 +584,9 @@ impl Bodies {
     }
 }
 
-/// A polled message, copied out of librdkafka and not yet tracked.
-struct Delivered {
-    /// The topic's place in the subscription's list.
-    topic: usize,
-    partition: i32,
-    offset: i64,
-    copy: Copy,
-}
+/// The epoch in the ack id of a message polled and not yet tracked; never
+/// a real epoch, which count from 1.
+const UNTRACKED: u64 = 0;
 
 /// The message handed out: its id and raw record are built by
 /// [`KafkaSubscription`]'s `describe_id` and `describe_raw` if asked, from
@@ -690,9 +684,10 @@ impl driver::Subscription for KafkaSubscription {
             }
             drop(stream);
             if lock(&self.tracker).revocations != revocations {
-                got = self.still_assigned(got);
+                self.still_assigned(&mut got);
             }
-            return Ok(self.track(got));
+            self.track(&mut got);
+            return Ok(got);
         }
     }
 
