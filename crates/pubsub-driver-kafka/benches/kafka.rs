@@ -8,8 +8,9 @@
 //! - receive + ack of a backlog (500,000 messages, or `KAFKA_BENCH_BACKLOG`):
 //!   the raw `StreamConsumer` stores each message's offset
 //!   (`store_offset_from_message`) and lets librdkafka auto-commit, once
-//!   reading each body and its headers as an application would and once
-//!   reading nothing; each try it runs with librdkafka's default
+//!   reading each body and its headers in place as an application would,
+//!   once detaching each message (an owned copy, as an application that
+//!   hands messages to other tasks must) and once reading nothing; each try it runs with librdkafka's default
 //!   `fetch.queue.backoff.ms` and with the driver's and keeps its best. The
 //!   driver acks each message. The sides take turns, try by try
 //!   (`KAFKA_BENCH_TRIES`, default 4), so that drift in the machine's speed
@@ -232,8 +233,22 @@ fn consumer_config(group: &str) -> ClientConfig {
     c
 }
 
+/// What the raw consumer does with each message besides storing its
+/// offset.
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    /// Nothing at all.
+    Nothing,
+    /// Looks at the body and the headers in place, as an application that
+    /// handles each message on the polling task does.
+    InPlace,
+    /// Detaches it (an owned copy of body, headers and key), as an
+    /// application that hands messages to other tasks must.
+    Detach,
+}
+
 /// Time from the first message to the last, so the group join is excluded.
-async fn raw_receive(topic: &str, queue_backoff: &str, read: bool) -> Run {
+async fn raw_receive(topic: &str, queue_backoff: &str, read: Read) -> Run {
     let consumer: StreamConsumer = consumer_config(&unique("raw"))
         .set("fetch.queue.backoff.ms", queue_backoff)
         .set("enable.auto.commit", "true")
@@ -250,17 +265,27 @@ async fn raw_receive(topic: &str, queue_backoff: &str, read: bool) -> Run {
         if started.is_none() {
             cpu = cpu_seconds();
         }
-        if read {
-            seen += m.payload().map_or(0, <[u8]>::len);
-            if let Some(h) = m.headers() {
-                seen += h.iter().count();
+        match read {
+            Read::Nothing => {}
+            Read::InPlace => {
+                seen += m.payload().map_or(0, <[u8]>::len);
+                if let Some(h) = m.headers() {
+                    seen += h.iter().count();
+                }
+            }
+            Read::Detach => {
+                let owned = std::hint::black_box(m.detach());
+                seen += owned.payload().map_or(0, <[u8]>::len);
             }
         }
         started.get_or_insert_with(Instant::now);
         // The cheapest store: no lookup of the topic by name.
         consumer.store_offset_from_message(&m).unwrap();
     }
-    assert!(!read || seen >= backlog, "the raw consumer read every body");
+    assert!(
+        read == Read::Nothing || seen >= backlog,
+        "the raw consumer read every body"
+    );
     Run::measure(backlog, started.unwrap(), cpu)
 }
 
@@ -320,7 +345,7 @@ async fn driver_only_receive(settings: &KafkaConfig, topic: &str) -> f64 {
 
 /// The raw consumer with each `fetch.queue.backoff.ms` in turn, its
 /// better run.
-async fn raw_best(topic: &str, read: bool) -> Run {
+async fn raw_best(topic: &str, read: Read) -> Run {
     let mut best = Run::default();
     for backoff in QUEUE_BACKOFFS {
         best = best.best(raw_receive(topic, backoff, read).await);
@@ -350,22 +375,32 @@ async fn receive() {
     }
     if std::env::args().any(|a| a == "raw") {
         for _ in 0..tries() {
-            let r = raw_receive(&topic, QUEUE_BACKOFFS[1], true).await;
+            let r = raw_receive(&topic, QUEUE_BACKOFFS[1], Read::InPlace).await;
             println!("raw: {:.0} msg/s, {:.2} CPU µs/msg", r.rate, r.cpu_us);
         }
         return;
     }
-    let (mut raw, mut bare, mut lib) = (Run::default(), Run::default(), Run::default());
+    const MODES: [(Read, &str); 3] = [
+        (Read::InPlace, "reads each body and its headers in place"),
+        (Read::Detach, "detaches each message (an owned copy)"),
+        (Read::Nothing, "reads nothing"),
+    ];
+    let mut raw = [Run::default(); 3];
+    let mut lib = Run::default();
     // Each try's driver rate over the raw rates of the same try, measured
     // next to it.
-    let (mut vs_raw, mut vs_bare) = (Vec::new(), Vec::new());
+    let mut ratios: [Vec<f64>; 3] = Default::default();
     for _ in 0..tries() {
-        let r = raw_best(&topic, true).await;
+        let mut r = [Run::default(); 3];
+        r[0] = raw_best(&topic, MODES[0].0).await;
         let l = driver_receive(&settings, &topic).await;
-        let b = raw_best(&topic, false).await;
-        vs_raw.push(l.rate / r.rate);
-        vs_bare.push(l.rate / b.rate);
-        (raw, lib, bare) = (raw.best(r), lib.best(l), bare.best(b));
+        r[1] = raw_best(&topic, MODES[1].0).await;
+        r[2] = raw_best(&topic, MODES[2].0).await;
+        for i in 0..3 {
+            ratios[i].push(l.rate / r[i].rate);
+            raw[i] = raw[i].best(r[i]);
+        }
+        lib = lib.best(l);
     }
     println!(
         "\nReceive + ack of a {backlog}-message backlog, one consumer, new group each run, {} tries",
@@ -375,16 +410,14 @@ async fn receive() {
         "| raw rdkafka | raw msg/s | pubsub msg/s | ratio (best/best) | ratio (median of tries) | raw CPU µs/msg | pubsub CPU µs/msg |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (what, r, ratios) in [
-        ("reads each body and its headers", raw, vs_raw),
-        ("reads nothing", bare, vs_bare),
-    ] {
+    for (i, (_, what)) in MODES.iter().enumerate() {
+        let r = raw[i];
         println!(
             "| {what} | {:>9.0} | {:>9.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.rate,
             lib.rate,
             lib.rate / r.rate,
-            median(ratios),
+            median(std::mem::take(&mut ratios[i])),
             r.cpu_us,
             lib.cpu_us
         );
