@@ -145,9 +145,11 @@ impl<T: Send + 'static> Batcher<T> {
             if st.closed {
                 return Err(Error::failed_precondition("topic has been shut down"));
             }
+            // A linger asks every item to wait for company, the first too.
             if st.active < self.inner.limits.max_handlers
                 && st.pending.is_empty()
                 && self.inner.limits.min_batch_size <= 1
+                && self.inner.limits.linger.is_none()
             {
                 st.active += 1;
                 None
@@ -822,6 +824,24 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(rec.batches.lock().unwrap()[2], vec![7]);
+    }
+
+    /// A lone awaited send waits out the linger too, with whatever joins it.
+    #[tokio::test]
+    async fn linger_holds_a_lone_send_for_company() {
+        let rec = Arc::new(Recorder::default());
+        let limits = BatchLimits::new(100, 4).with_linger(Duration::from_millis(200));
+        let b = Arc::new(Batcher::new(limits, fast_retry(), rec.clone()));
+        let started = std::time::Instant::now();
+        let first = tokio::spawn({
+            let b = b.clone();
+            async move { b.send(1, 0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.send(2, 0).await.unwrap();
+        first.await.unwrap().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert_eq!(*rec.batches.lock().unwrap(), vec![vec![1, 2]]);
     }
 
     #[tokio::test]
