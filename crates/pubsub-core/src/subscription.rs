@@ -597,11 +597,13 @@ impl Shared {
     /// What `receive` returns without waiting: a queued message, or the
     /// error that ends receiving; `None` if it must wait.
     fn try_receive(self: &Arc<Self>) -> Option<Result<Message>> {
-        let mut st = lock(&self.state);
-        self.take(&mut st)
+        let taken = self.take(&mut lock(&self.state));
+        taken.map(|r| r.map(|m| self.hand_out(m)))
     }
 
-    fn take(self: &Arc<Self>, st: &mut RecvState) -> Option<Result<Message>> {
+    /// Called with the state locked; the message is built after the lock
+    /// is released, by [`Shared::hand_out`].
+    fn take(self: &Arc<Self>, st: &mut RecvState) -> Option<Result<(ReceivedMessage, u64)>> {
         if self.shut_down.load(Ordering::Acquire) {
             return Some(Err(self.error(
                 Error::failed_precondition("subscription has been shut down"),
@@ -611,13 +613,17 @@ impl Shared {
         if let Some(e) = self.failure.get() {
             return Some(Err(e));
         }
-        if let Some((m, token)) = st.queue.pop_front() {
+        if let Some(taken) = st.queue.pop_front() {
             st.sizer.handed += 1;
             self.maybe_fetch(st);
-            self.received.fetch_add(1, Ordering::Relaxed);
-            return Some(Ok(Message::from_received(m, token, self.clone())));
+            return Some(Ok(taken));
         }
         st.error.clone().map(Err)
+    }
+
+    fn hand_out(self: &Arc<Self>, (m, token): (ReceivedMessage, u64)) -> Message {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        Message::from_received(m, token, self.clone())
     }
 
     async fn receive(self: &Arc<Self>) -> Result<Message> {
@@ -627,7 +633,8 @@ impl Shared {
             {
                 let mut st = lock(&self.state);
                 if let Some(r) = self.take(&mut st) {
-                    return r;
+                    drop(st);
+                    return r.map(|m| self.hand_out(m));
                 }
                 self.waiting.fetch_add(1, Ordering::AcqRel);
                 self.maybe_fetch(&mut st);
