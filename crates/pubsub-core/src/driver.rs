@@ -423,6 +423,18 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
     /// must be harmless.
     async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError>;
 
+    /// Settles one ack at once, on the acking thread, instead of queuing it
+    /// for [`Subscription::send_acks`]. For backends where an ack is local
+    /// bookkeeping that reaches the backend later by itself (Kafka's stored
+    /// offsets, which the consumer commits on its own schedule): a queue and
+    /// a batch handler would cost more than the ack. Returns `false`, as the
+    /// default does, to have the ack batched instead. Called for every ack
+    /// while the subscription is open, so it must be quick and never block.
+    fn ack_now(&self, id: &AckId) -> bool {
+        let _ = id;
+        false
+    }
+
     /// Hands deliveries back for prompt redelivery, where
     /// [`Capabilities::nack`] says so.
     async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {

@@ -780,6 +780,12 @@ impl Shared {
 
     pub(crate) fn settle_ack(&self, id: AckId, token: u64) {
         self.acked.fetch_add(1, Ordering::Relaxed);
+        // After shutdown the driver is closed: the ack goes to the batcher,
+        // which refuses it, like any late ack.
+        if !self.shut_down.load(Ordering::Acquire) && self.driver.ack_now(&id) {
+            self.leases.release(std::iter::once(token));
+            return;
+        }
         let item = Settle { id, token };
         if self.acks.add_detached(item, 0).is_err() {
             tracing::debug!("ack after shutdown ignored; the backend will redeliver");
@@ -983,6 +989,93 @@ mod tests {
             ErrorKind::PermissionDenied,
             "shutdown reports it too"
         );
+    }
+
+    /// A fake driver that settles acks at once and counts what reaches
+    /// each path.
+    #[derive(Debug, Default)]
+    struct AcksAtOnce {
+        now: Mutex<Vec<AckId>>,
+        batched: AtomicUsize,
+        nacked: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl driver::Subscription for AcksAtOnce {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+        fn resource(&self) -> &str {
+            "acks-at-once"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                nack: true,
+                lease_extension: true,
+                ack_deadline: Some(Duration::from_secs(30)),
+                ..Capabilities::default()
+            }
+        }
+        async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+            Ok((0..max.min(3) as u64)
+                .map(|i| {
+                    ReceivedMessage::new(
+                        Bytes::from_static(b"x"),
+                        Default::default(),
+                        i.to_string(),
+                        AckId::from_u64(i),
+                    )
+                })
+                .collect())
+        }
+        async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+            self.batched.fetch_add(ids.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+            self.nacked.fetch_add(ids.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        async fn extend_leases(&self, _ids: &[AckId], _by: Duration) -> Result<(), BatchError> {
+            Ok(())
+        }
+        fn ack_now(&self, id: &AckId) -> bool {
+            lock(&self.now).push(id.clone());
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_settled_at_once_skip_the_batcher_and_release_their_leases() {
+        let d = Arc::new(AcksAtOnce::default());
+        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let a = sub.receive().await.unwrap();
+        let b = sub.receive().await.unwrap();
+        let late = sub.receive().await.unwrap();
+        assert_eq!(
+            lock(&sub.shared.leases.held).len(),
+            3,
+            "held while unsettled"
+        );
+        a.ack();
+        assert_eq!(lock(&d.now).len(), 1, "settled before ack returns");
+        assert_eq!(
+            lock(&sub.shared.leases.held).len(),
+            2,
+            "its lease is let go"
+        );
+        b.nack();
+        sub.shutdown().await.unwrap();
+        late.ack();
+        let now: Vec<_> = lock(&d.now).iter().map(AckId::as_u64).collect();
+        assert_eq!(now, [Some(0)], "a late ack is ignored");
+        assert_eq!(d.batched.load(Ordering::SeqCst), 0);
+        // Shutdown also nacks what was fetched and not handed out.
+        assert!(
+            d.nacked.load(Ordering::SeqCst) >= 1,
+            "nacks are still batched"
+        );
+        assert_eq!(sub.stats().acked, 2);
     }
 
     /// A fake driver that answers "nothing" at once, and counts the asks.

@@ -19,7 +19,10 @@
 //! `cargo bench -p pubsub-driver-kafka --bench kafka [-- sends|receive]`;
 //! `-- receive driver` runs the driver side alone and `-- receive raw` the
 //! raw consumer that reads (for a profiler); `KAFKA_BENCH_RT=current` runs
-//! either on a current-thread runtime, everything on one thread.
+//! either on a current-thread runtime, everything on one thread;
+//! `-- receive fill` only fills a topic and prints its name, which
+//! `KAFKA_BENCH_TOPIC` then reads instead of a fresh one, so that a
+//! profiler (`valgrind --tool=callgrind`) sees the reading alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,9 +364,21 @@ fn tries() -> usize {
 }
 
 async fn receive() {
-    let topic = unique("receive");
-    create(&topic).await;
-    fill(&topic).await;
+    // An existing topic of at least the backlog, for profilers that
+    // should see the reading alone.
+    let topic = match std::env::var("KAFKA_BENCH_TOPIC") {
+        Ok(t) => t,
+        Err(_) => {
+            let t = unique("receive");
+            create(&t).await;
+            fill(&t).await;
+            t
+        }
+    };
+    if std::env::args().any(|a| a == "fill") {
+        println!("filled {topic}");
+        return;
+    }
     let settings = KafkaConfig::new(&brokers()).set("session.timeout.ms", "6000");
     let backlog = backlog();
     if std::env::args().any(|a| a == "driver") {

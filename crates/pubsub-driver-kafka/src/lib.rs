@@ -102,8 +102,8 @@ pub(crate) const DRIVER: &str = "kafka";
 /// Kafka's default largest record (`message.max.bytes`).
 pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
 
-/// How long acks (and nacks) wait for company before they are recorded.
-const ACK_LINGER: Duration = Duration::from_millis(5);
+/// How long nacks wait for company before they are queued for redelivery.
+const NACK_LINGER: Duration = Duration::from_millis(5);
 
 pub(crate) fn capabilities() -> Capabilities {
     let mut c = Capabilities::default();
@@ -114,11 +114,10 @@ pub(crate) fn capabilities() -> Capabilities {
     // A delivery report takes a broker round trip: keep many batches in
     // flight so a crowd of senders is not serialised behind one.
     c.send_batching = BatchLimits::new(1000, 128);
-    // One commit at a time, so commits never overtake each other. An ack
-    // only records an offset until the next auto-commit (every second), so
-    // acks may wait a few milliseconds for company: a stream of them then
-    // costs a few hundred calls a second instead of one per few dozen acks.
-    c.ack_batching = BatchLimits::new(10_000, 1).with_linger(ACK_LINGER);
+    // Acks are settled at once (`ack_now`), so these limits serve nacks:
+    // one call at a time, and as a nack only queues a local redelivery,
+    // nacks may wait a few milliseconds for company.
+    c.ack_batching = BatchLimits::new(10_000, 1).with_linger(NACK_LINGER);
     // Polling takes what librdkafka has already fetched, without waiting,
     // so a large batch costs no latency; it spreads the hand-over between
     // the fetch task and receivers over more messages (a backlog read about

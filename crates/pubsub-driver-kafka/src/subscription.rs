@@ -31,6 +31,12 @@ const LEAVE_WAIT: Duration = Duration::from_secs(10);
 /// How long one `receive_batch` waits for a first message.
 const POLL: Duration = Duration::from_millis(500);
 
+/// How long after an ack the acked offsets are stored, so that the acks of
+/// a moment are stored together. Stored offsets wait for the next
+/// auto-commit anyway (every second); closing and revocation commit from
+/// the acks themselves.
+const STORE_AFTER: Duration = Duration::from_millis(5);
+
 /// Where a new consumer group starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -197,6 +203,9 @@ struct Tracker {
     next_epoch: u64,
     /// Counts revocations, so a batch polled across one can tell.
     revocations: u64,
+    /// Acks settled at once moved some partition's acked prefix since the
+    /// offsets were last stored.
+    store_due: bool,
 }
 
 fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
@@ -240,6 +249,16 @@ impl Tracker {
     fn find(&mut self, epoch: u64, offset: i64) -> Option<&mut Pending> {
         let i = self.by_epoch(epoch)?;
         self.parts[i].find(offset)
+    }
+
+    /// Marks a delivery acked and lets go of its copy; the index of its
+    /// partition, or `None` for a delivery of a partition since revoked.
+    fn ack(&mut self, epoch: u64, offset: i64) -> Option<usize> {
+        let i = self.by_epoch(epoch)?;
+        let p = self.parts[i].find(offset)?;
+        p.acked = true;
+        p.copy = None;
+        Some(i)
     }
 
     /// Commit positions of the partitions at these indices that moved
@@ -349,6 +368,7 @@ pub struct KafkaSubscription {
     topic_names: Vec<Arc<str>>,
     tracker: Arc<Mutex<Tracker>>,
     wake: Arc<Notify>,
+    store: Arc<StoreSignal>,
     subscribed: AtomicBool,
     subscribe_lock: tokio::sync::Mutex<()>,
     settings: KafkaConfig,
@@ -390,6 +410,7 @@ impl KafkaSubscription {
             topic_names: topics.iter().map(|t| Arc::from(*t)).collect(),
             tracker,
             wake,
+            store: Arc::default(),
             subscribed: AtomicBool::new(false),
             subscribe_lock: tokio::sync::Mutex::new(()),
             settings: settings.clone(),
@@ -410,6 +431,11 @@ impl KafkaSubscription {
         }
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&topics).map_err(error::map)?;
+        tokio::spawn(store_acked(
+            Arc::downgrade(&self.tracker),
+            Arc::downgrade(&self.consumer),
+            self.store.clone(),
+        ));
         self.subscribed.store(true, Ordering::Release);
         Ok(())
     }
@@ -536,6 +562,67 @@ impl KafkaSubscription {
         let (timestamp, topic, partition) = described(at);
         let topic = self.topic_names.get(topic)?;
         Some((topic, partition, offset as i64, timestamp))
+    }
+}
+
+/// Stores these commit positions (a local call: the next auto-commit sends
+/// them).
+fn store(consumer: &KafkaConsumer, tpl: &TopicPartitionList) {
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.store_offsets(tpl) {
+        // Partitions revoked meanwhile cannot be stored; their new owner
+        // starts from what revocation committed.
+        tracing::debug!(error = %e, "storing acked offsets failed");
+    }
+}
+
+/// Wakes [`store_acked`] when acks are due to be stored, and stops it.
+#[derive(Default)]
+struct StoreSignal {
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+impl StoreSignal {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        // A stored permit: the task sees it even if it is not waiting yet.
+        self.wake.notify_one();
+    }
+}
+
+/// Stores the acked prefix of each partition shortly after acks settled at
+/// once moved it, until the subscription closes or is dropped.
+async fn store_acked(
+    tracker: std::sync::Weak<Mutex<Tracker>>,
+    consumer: std::sync::Weak<KafkaConsumer>,
+    signal: Arc<StoreSignal>,
+) {
+    loop {
+        signal.wake.notified().await;
+        if signal.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::time::sleep(STORE_AFTER).await;
+        let (Some(tracker), Some(consumer)) = (tracker.upgrade(), consumer.upgrade()) else {
+            return;
+        };
+        let tpl = {
+            let mut t = lock(&tracker);
+            // Acks from here on wake this task again.
+            t.store_due = false;
+            let all = 0..t.parts.len();
+            t.positions(all)
+        };
+        store(&consumer, &tpl);
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        self.store.stop();
     }
 }
 
@@ -696,12 +783,7 @@ impl driver::Subscription for KafkaSubscription {
             let mut t = lock(&self.tracker);
             let mut touched = Vec::new();
             for (epoch, offset) in acks(ids) {
-                let Some(i) = t.by_epoch(epoch) else {
-                    continue;
-                };
-                if let Some(p) = t.parts[i].find(offset) {
-                    p.acked = true;
-                    p.copy = None;
+                if let Some(i) = t.ack(epoch, offset) {
                     if touched.last() != Some(&i) {
                         touched.push(i);
                     }
@@ -711,16 +793,24 @@ impl driver::Subscription for KafkaSubscription {
             touched.dedup();
             t.positions(touched.into_iter())
         };
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        // A local call: the next auto-commit sends it.
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
-            // Partitions revoked meanwhile cannot be stored; their new owner
-            // starts from what revocation committed.
-            tracing::debug!(error = %e, "storing acked offsets failed");
-        }
+        store(&self.consumer, &tpl);
         Ok(())
+    }
+
+    fn ack_now(&self, id: &AckId) -> bool {
+        // An ack only moves the acked prefix that the next auto-commit
+        // sends, so it is settled here; `store_acked` stores the offsets a
+        // moment later, for all acks of that moment.
+        let Some((epoch, offset)) = id.as_u64_pair() else {
+            return true;
+        };
+        let mut t = lock(&self.tracker);
+        if t.ack(epoch, offset as i64).is_some() && !t.store_due {
+            t.store_due = true;
+            drop(t);
+            self.store.wake.notify_one();
+        }
+        true
     }
 
     async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
@@ -777,6 +867,7 @@ impl driver::Subscription for KafkaSubscription {
                 other => break other,
             }
         };
+        self.store.stop();
         self.consumer.unsubscribe();
         // Leaving the group completes only while the consumer is polled;
         // without this the group waits a whole session timeout before the

@@ -169,6 +169,45 @@ async fn restart_resumes_after_the_acked_prefix(k: Kafka) {
     second.shutdown().await.unwrap();
 }
 
+/// Acks reach the group's committed offsets while the subscription stays
+/// open: stored shortly after they settle, sent by the auto-commit.
+async fn acks_are_committed_while_open(k: Kafka) {
+    let n = 300;
+    let name = unique("committed");
+    let topic = topic_with(&k, &name, 3).await;
+    send_all(&topic, n).await;
+    topic.shutdown().await.unwrap();
+    let sub = subscription(&k, &format!("{name}-group"), &name);
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), sub.receive())
+            .await
+            .expect("all messages arrive")
+            .expect("receive")
+            .ack();
+    }
+    let consumer = sub.as_raw::<KafkaConsumer>().expect("raw consumer");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let committed = tokio::task::block_in_place(|| consumer.committed(Duration::from_secs(5)))
+            .expect("read committed offsets");
+        let total: i64 = committed
+            .elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw())
+            .filter(|o| *o > 0)
+            .sum();
+        if total == n as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets add up to {total}, not {n}, 20 s after every message was acked"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sub.shutdown().await.unwrap();
+}
+
 /// Two subscriptions in one group split the partitions and together get
 /// every message.
 async fn two_consumers_split_the_partitions(k: Kafka) {
@@ -325,4 +364,14 @@ async fn mock_two_consumers_split_the_partitions() {
 async fn tansu_two_consumers_split_the_partitions() {
     two_consumers_split_the_partitions(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_acks_are_committed_while_open() {
+    acks_are_committed_while_open(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_acks_are_committed_while_open() {
+    acks_are_committed_while_open(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}"))).await;
 }
