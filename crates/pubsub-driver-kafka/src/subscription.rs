@@ -310,6 +310,10 @@ impl ConsumerContext for KafkaContext {
             tpl
         };
         if tpl.count() > 0 && !consumer.assignment_lost() {
+            // Stored too: librdkafka commits the stored offsets of revoked
+            // partitions by itself next, and a stored offset behind this
+            // commit would take the group's position back.
+            store(consumer, &tpl);
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit on partition revocation failed; acked messages may be redelivered to the new owner");
             }
@@ -537,7 +541,11 @@ impl KafkaSubscription {
         }
     }
 
-    /// The commit position of every partition this consumer holds.
+    /// The commit position of every partition this consumer holds, stored
+    /// as well: librdkafka commits the stored offsets by itself when the
+    /// consumer leaves its group, and stored offsets behind this commit
+    /// would then take the group's position back (seen: a restarted
+    /// consumer got acked messages again).
     fn final_positions(&self) -> TopicPartitionList {
         let mut t = lock(&self.tracker);
         let all = 0..t.parts.len();
@@ -552,6 +560,8 @@ impl KafkaSubscription {
                 );
             }
         }
+        // Under the lock, so no store computed earlier lands after it.
+        store(&*self.consumer, &tpl);
         tpl
     }
 
@@ -567,7 +577,7 @@ impl KafkaSubscription {
 
 /// Stores these commit positions (a local call: the next auto-commit sends
 /// them).
-fn store(consumer: &KafkaConsumer, tpl: &TopicPartitionList) {
+fn store<C: ConsumerContext>(consumer: &impl Consumer<C>, tpl: &TopicPartitionList) {
     if tpl.count() == 0 {
         return;
     }
@@ -609,14 +619,13 @@ async fn store_acked(
         let (Some(tracker), Some(consumer)) = (tracker.upgrade(), consumer.upgrade()) else {
             return;
         };
-        let tpl = {
-            let mut t = lock(&tracker);
-            // Acks from here on wake this task again.
-            t.store_due = false;
-            let all = 0..t.parts.len();
-            t.positions(all)
-        };
-        store(&consumer, &tpl);
+        let mut t = lock(&tracker);
+        // Acks from here on wake this task again.
+        t.store_due = false;
+        let all = 0..t.parts.len();
+        let tpl = t.positions(all);
+        // Under the lock, so stores land in the order they were computed.
+        store(&*consumer, &tpl);
     }
 }
 
@@ -793,7 +802,7 @@ impl driver::Subscription for KafkaSubscription {
             touched.dedup();
             t.positions(touched.into_iter())
         };
-        store(&self.consumer, &tpl);
+        store(&*self.consumer, &tpl);
         Ok(())
     }
 
