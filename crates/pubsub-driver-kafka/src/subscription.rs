@@ -788,20 +788,19 @@ impl driver::Subscription for KafkaSubscription {
     }
 
     async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        let tpl = {
-            let mut t = lock(&self.tracker);
-            let mut touched = Vec::new();
-            for (epoch, offset) in acks(ids) {
-                if let Some(i) = t.ack(epoch, offset) {
-                    if touched.last() != Some(&i) {
-                        touched.push(i);
-                    }
+        let mut t = lock(&self.tracker);
+        let mut touched = Vec::new();
+        for (epoch, offset) in acks(ids) {
+            if let Some(i) = t.ack(epoch, offset) {
+                if touched.last() != Some(&i) {
+                    touched.push(i);
                 }
             }
-            touched.sort_unstable();
-            touched.dedup();
-            t.positions(touched.into_iter())
-        };
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let tpl = t.positions(touched.into_iter());
+        // Under the lock, like every store, so stores land in order.
         store(&*self.consumer, &tpl);
         Ok(())
     }
