@@ -27,9 +27,18 @@ pub struct Message {
     body: Bytes,
     attributes: Attributes,
     ordering_key: Option<String>,
+    /// Boxed, like the lazily built details of a receipt, because received
+    /// messages are moved several times between the queue and the
+    /// application and rarely carry hooks: a smaller `Message` moves faster.
+    hooks: Option<Box<Hooks>>,
+    receipt: Option<Receipt>,
+}
+
+/// The hooks of a message to send.
+#[derive(Clone, Default)]
+struct Hooks {
     before_send: Option<BeforeSend>,
     after_send: Option<AfterSend>,
-    receipt: Option<Receipt>,
 }
 
 /// What a received message needs to settle itself.
@@ -51,28 +60,37 @@ pub(crate) enum Details {
         raw: Option<Raw>,
     },
     /// Built by the subscription's driver from the ack id and these
-    /// numbers.
+    /// numbers, in a box made only when asked.
     Lazy {
         at: (i64, i64),
-        id: OnceLock<String>,
-        raw: OnceLock<Option<Raw>>,
+        built: OnceLock<Box<Built>>,
     },
+}
+
+/// What a lazily described message built on demand.
+#[derive(Default)]
+pub(crate) struct Built {
+    id: OnceLock<String>,
+    raw: OnceLock<Option<Raw>>,
 }
 
 impl Receipt {
     pub(crate) fn id(&self) -> &str {
         match &self.details {
             Details::Given { id, .. } => id,
-            Details::Lazy { at, id, .. } => {
-                id.get_or_init(|| self.sub.driver().describe_id(&self.ack_id, *at))
-            }
+            Details::Lazy { at, built } => built
+                .get_or_init(Box::default)
+                .id
+                .get_or_init(|| self.sub.driver().describe_id(&self.ack_id, *at)),
         }
     }
 
     fn raw(&self, ordering_key: Option<&str>) -> Option<&(dyn Any + Send + Sync)> {
         match &self.details {
             Details::Given { raw, .. } => raw.as_deref(),
-            Details::Lazy { at, raw, .. } => raw
+            Details::Lazy { at, built } => built
+                .get_or_init(Box::default)
+                .raw
                 .get_or_init(|| {
                     self.sub
                         .driver()
@@ -90,8 +108,7 @@ impl Message {
             body: body.into(),
             attributes: Attributes::new(),
             ordering_key: None,
-            before_send: None,
-            after_send: None,
+            hooks: None,
             receipt: None,
         }
     }
@@ -141,7 +158,7 @@ impl Message {
     where
         F: Fn(&mut dyn Any) -> Result<()> + Send + Sync + 'static,
     {
-        self.before_send = Some(Arc::new(hook));
+        self.hooks.get_or_insert_with(Box::default).before_send = Some(Arc::new(hook));
         self
     }
 
@@ -151,7 +168,7 @@ impl Message {
     where
         F: Fn(&dyn Any) -> Result<()> + Send + Sync + 'static,
     {
-        self.after_send = Some(Arc::new(hook));
+        self.hooks.get_or_insert_with(Box::default).after_send = Some(Arc::new(hook));
         self
     }
 
@@ -209,12 +226,12 @@ impl Message {
     /// shows in later `receive` and `shutdown` calls. Does nothing on a
     /// message that was never received.
     pub fn ack(mut self) {
-        if let Some(Receipt {
-            sub, ack_id, token, ..
-        }) = self.receipt.take()
-        {
-            sub.settle_ack(ack_id, token);
+        if let Some(r) = &self.receipt {
+            r.sub.settle_ack(&r.ack_id, r.token);
         }
+        // Dropped in place rather than taken out: a receipt is large, and
+        // the ack path runs once a message.
+        self.receipt = None;
     }
 
     /// Hands a received message back for redelivery soon. Returns at once.
@@ -249,26 +266,27 @@ impl Message {
         let mut out = OutgoingMessage::new(std::mem::take(&mut this.body));
         out.attributes = std::mem::take(&mut this.attributes);
         out.ordering_key = this.ordering_key.take();
-        out.before_send = this.before_send.take();
-        out.after_send = this.after_send.take();
+        if let Some(hooks) = this.hooks.take() {
+            out.before_send = hooks.before_send;
+            out.after_send = hooks.after_send;
+        }
         // A received message re-sent elsewhere still has to be settled with
         // its own subscription; dropping `this` does that by the drop rule.
         out
     }
 
+    #[inline]
     pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Shared>) -> Self {
         Message {
             body: m.body,
             attributes: m.attributes,
             ordering_key: m.ordering_key,
-            before_send: None,
-            after_send: None,
+            hooks: None,
             receipt: Some(Receipt {
                 details: match m.lazy {
                     Some(at) => Details::Lazy {
                         at,
-                        id: OnceLock::new(),
-                        raw: OnceLock::new(),
+                        built: OnceLock::new(),
                     },
                     None => Details::Given {
                         id: m.id,
@@ -312,8 +330,7 @@ impl Clone for Message {
             body: self.body.clone(),
             attributes: self.attributes.clone(),
             ordering_key: self.ordering_key.clone(),
-            before_send: self.before_send.clone(),
-            after_send: self.after_send.clone(),
+            hooks: self.hooks.clone(),
             receipt: None,
         }
     }

@@ -113,16 +113,25 @@ impl Fetched {
         }
     }
 
-    fn pop_front(&mut self) -> Option<(ReceivedMessage, u64)> {
+    /// Takes the first message and its token, and makes `R` of them where
+    /// they are read: each wrapper a message passes through on its way out
+    /// is another copy of it.
+    #[inline]
+    fn pop_front_with<R>(&mut self, make: impl FnOnce(ReceivedMessage, u64) -> R) -> Option<R> {
         let (batch, next) = self.batches.front_mut()?;
-        let m = batch.next()?;
         let token = *next;
+        let made = make(batch.next()?, token);
         *next += 1;
         self.len -= 1;
         if batch.len() == 0 {
             self.batches.pop_front();
         }
-        Some((m, token))
+        Some(made)
+    }
+
+    #[cfg(test)]
+    fn pop_front(&mut self) -> Option<(ReceivedMessage, u64)> {
+        self.pop_front_with(|m, token| (m, token))
     }
 
     fn len(&self) -> usize {
@@ -596,32 +605,45 @@ impl Shared {
 
     /// What `receive` returns without waiting: a queued message, or the
     /// error that ends receiving; `None` if it must wait.
+    ///
+    /// The message is read out of the queue and built into a `Message` in
+    /// one place, without intermediate wrappers: each wrapper around a
+    /// message is another copy of it, and this runs once a message.
     fn try_receive(self: &Arc<Self>) -> Option<Result<Message>> {
-        let taken = self.take(&mut lock(&self.state));
-        taken.map(|r| r.map(|m| self.hand_out(m)))
-    }
-
-    /// Called with the state locked; the message is built after the lock
-    /// is released, by [`Shared::hand_out`].
-    fn take(self: &Arc<Self>, st: &mut RecvState) -> Option<Result<(ReceivedMessage, u64)>> {
-        if self.shut_down.load(Ordering::Acquire) {
-            return Some(Err(self.error(
-                Error::failed_precondition("subscription has been shut down"),
-                "receive",
-            )));
-        }
-        if let Some(e) = self.failure.get() {
+        let mut st = lock(&self.state);
+        if let Some(e) = self.receive_error() {
             return Some(Err(e));
         }
-        if let Some(taken) = st.queue.pop_front() {
-            st.sizer.handed += 1;
-            self.maybe_fetch(st);
-            return Some(Ok(taken));
+        match st.queue.pop_front_with(|m, token| self.hand_out(m, token)) {
+            Some(m) => {
+                self.taken(&mut st);
+                drop(st);
+                Some(Ok(m))
+            }
+            None => st.error.clone().map(Err),
         }
-        st.error.clone().map(Err)
     }
 
-    fn hand_out(self: &Arc<Self>, (m, token): (ReceivedMessage, u64)) -> Message {
+    /// Why receiving cannot go on regardless of the queue, if it cannot.
+    fn receive_error(&self) -> Option<Error> {
+        if self.shut_down.load(Ordering::Acquire) {
+            return Some(self.error(
+                Error::failed_precondition("subscription has been shut down"),
+                "receive",
+            ));
+        }
+        self.failure.get()
+    }
+
+    /// Called with the state locked once a message was taken from the
+    /// queue.
+    fn taken(self: &Arc<Self>, st: &mut RecvState) {
+        st.sizer.handed += 1;
+        self.maybe_fetch(st);
+    }
+
+    #[inline]
+    fn hand_out(self: &Arc<Self>, m: ReceivedMessage, token: u64) -> Message {
         self.received.fetch_add(1, Ordering::Relaxed);
         Message::from_received(m, token, self.clone())
     }
@@ -632,9 +654,16 @@ impl Shared {
             tokio::pin!(notified);
             {
                 let mut st = lock(&self.state);
-                if let Some(r) = self.take(&mut st) {
+                if let Some(e) = self.receive_error() {
+                    return Err(e);
+                }
+                if let Some(m) = st.queue.pop_front_with(|m, token| self.hand_out(m, token)) {
+                    self.taken(&mut st);
                     drop(st);
-                    return r.map(|m| self.hand_out(m));
+                    return Ok(m);
+                }
+                if let Some(e) = st.error.clone() {
+                    return Err(e);
                 }
                 self.waiting.fetch_add(1, Ordering::AcqRel);
                 self.maybe_fetch(&mut st);
@@ -780,15 +809,18 @@ impl Shared {
         self.fetch_done.notify_waiters();
     }
 
-    pub(crate) fn settle_ack(&self, id: AckId, token: u64) {
+    pub(crate) fn settle_ack(&self, id: &AckId, token: u64) {
         self.acked.fetch_add(1, Ordering::Relaxed);
         // After shutdown the driver is closed: the ack goes to the batcher,
         // which refuses it, like any late ack.
-        if !self.shut_down.load(Ordering::Acquire) && self.driver.ack_now(&id) {
+        if !self.shut_down.load(Ordering::Acquire) && self.driver.ack_now(id) {
             self.leases.release(std::iter::once(token));
             return;
         }
-        let item = Settle { id, token };
+        let item = Settle {
+            id: id.clone(),
+            token,
+        };
         if self.acks.add_detached(item, 0).is_err() {
             tracing::debug!("ack after shutdown ignored; the backend will redeliver");
         }
