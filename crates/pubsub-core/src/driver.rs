@@ -254,6 +254,48 @@ impl fmt::Debug for ReceivedMessage {
     }
 }
 
+/// A received message handed back by a nack, as it was delivered (not as
+/// the application may have changed it since), for
+/// [`Subscription::nack_now`].
+#[non_exhaustive]
+pub struct Nacked {
+    /// The payload.
+    pub body: Bytes,
+    /// String attributes.
+    pub attributes: Attributes,
+    /// The ordering key.
+    pub ordering_key: Option<String>,
+    /// The delivery attempt the message was delivered with.
+    pub delivery_attempt: Option<u32>,
+    /// The numbers given to [`ReceivedMessage::describe_lazily`], if the
+    /// message was made with it.
+    pub lazy: Option<(i64, i64)>,
+}
+
+impl Nacked {
+    /// A delivery as received, for handing it back at the driver level (the
+    /// core does this itself).
+    pub fn from_received(m: &ReceivedMessage) -> Self {
+        Nacked {
+            body: m.body.clone(),
+            attributes: m.attributes.clone(),
+            ordering_key: m.ordering_key.clone(),
+            delivery_attempt: m.delivery_attempt,
+            lazy: m.lazy,
+        }
+    }
+}
+
+impl fmt::Debug for Nacked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nacked")
+            .field("body_len", &self.body.len())
+            .field("attributes", &self.attributes)
+            .field("delivery_attempt", &self.delivery_attempt)
+            .finish()
+    }
+}
+
 /// How a batch call failed.
 #[derive(Debug, Clone)]
 pub enum BatchError {
@@ -435,8 +477,25 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
         false
     }
 
+    /// Settles one nack at once, on the nacking thread, given the message as
+    /// it was delivered, instead of queuing its id for
+    /// [`Subscription::send_nacks`]. For backends that cannot hand a
+    /// delivery back and redeliver nacked messages from memory (Kafka, whose
+    /// log only moves forward): with the message handed back, the driver
+    /// keeps no copy of every delivery in flight. Returns `false`, as the
+    /// default does, to have the nack batched instead. Called, where
+    /// [`Capabilities::nack`] says so, for every nack (and every message
+    /// dropped unsettled) while the subscription is open, so it must be
+    /// quick and never block.
+    fn nack_now(&self, id: &AckId, message: Nacked) -> bool {
+        let _ = (id, message);
+        false
+    }
+
     /// Hands deliveries back for prompt redelivery, where
-    /// [`Capabilities::nack`] says so.
+    /// [`Capabilities::nack`] says so. A driver whose
+    /// [`Subscription::nack_now`] settles every nack may refuse this with
+    /// `FailedPrecondition`: the core then never calls it.
     async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
         let _ = ids;
         Err(Error::unimplemented("this backend cannot nack").into())

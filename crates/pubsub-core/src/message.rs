@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::driver::{AckId, AfterSend, BeforeSend, OutgoingMessage, ReceivedMessage};
+use crate::driver::{AckId, AfterSend, BeforeSend, Nacked, OutgoingMessage, ReceivedMessage};
 use crate::error::{Error, Result};
 use crate::subscription::Shared;
 
@@ -48,6 +48,18 @@ pub(crate) struct Receipt {
     pub(crate) token: u64,
     pub(crate) delivery_attempt: Option<u32>,
     pub(crate) sub: Arc<Shared>,
+    /// What the application changed of the message, as delivered: a nack
+    /// hands the message as delivered to the driver for redelivery.
+    delivered: Option<Box<Delivered>>,
+}
+
+/// The parts of a received message as delivered, each kept when it is
+/// first changed.
+#[derive(Default)]
+struct Delivered {
+    body: Option<Bytes>,
+    attributes: Option<Attributes>,
+    ordering_key: Option<Option<String>>,
 }
 
 type Raw = Box<dyn Any + Send + Sync>;
@@ -115,6 +127,7 @@ impl Message {
 
     /// Adds an attribute.
     pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.keep_attributes();
         self.attributes.insert(key.into(), value.into());
         self
     }
@@ -125,6 +138,7 @@ impl Message {
         K: Into<String>,
         V: Into<String>,
     {
+        self.keep_attributes();
         self.attributes
             .extend(attrs.into_iter().map(|(k, v)| (k.into(), v.into())));
         self
@@ -139,6 +153,7 @@ impl Message {
         let value = std::str::from_utf8(value).map_err(|_| {
             Error::invalid_argument(format!("value of attribute {key:?} is not valid UTF-8"))
         })?;
+        self.keep_attributes();
         self.attributes.insert(key.to_owned(), value.to_owned());
         Ok(self)
     }
@@ -146,6 +161,11 @@ impl Message {
     /// Sets the ordering key: messages with one key are delivered in the
     /// order they were sent, where the backend supports it.
     pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        if let Some(d) = delivered(&mut self.receipt) {
+            if d.ordering_key.is_none() {
+                d.ordering_key = Some(self.ordering_key.clone());
+            }
+        }
         self.ordering_key = Some(key.into());
         self
     }
@@ -184,6 +204,7 @@ impl Message {
 
     /// Mutable access to the attributes.
     pub fn attributes_mut(&mut self) -> &mut Attributes {
+        self.keep_attributes();
         &mut self.attributes
     }
 
@@ -218,6 +239,11 @@ impl Message {
 
     /// Takes the body, leaving an empty one.
     pub fn take_body(&mut self) -> Bytes {
+        if let Some(d) = delivered(&mut self.receipt) {
+            if d.body.is_none() {
+                d.body = Some(self.body.clone());
+            }
+        }
         std::mem::take(&mut self.body)
     }
 
@@ -239,8 +265,37 @@ impl Message {
     /// Where the backend cannot nack, the message is left to come back after
     /// its ack deadline; [`crate::Capabilities::nack`] tells which.
     pub fn nack(mut self) {
-        if let Some(r) = self.receipt.take() {
-            r.sub.clone().settle_nack(r, false);
+        self.settle_nack(false);
+    }
+
+    /// Nacks a received message, handing its content as delivered to the
+    /// subscription.
+    fn settle_nack(&mut self, dropped: bool) {
+        let Some(mut r) = self.receipt.take() else {
+            return;
+        };
+        let d = r.delivered.take().map(|d| *d).unwrap_or_default();
+        let nacked = Nacked {
+            body: d.body.unwrap_or_else(|| std::mem::take(&mut self.body)),
+            attributes: d
+                .attributes
+                .unwrap_or_else(|| std::mem::take(&mut self.attributes)),
+            ordering_key: d.ordering_key.unwrap_or_else(|| self.ordering_key.take()),
+            delivery_attempt: r.delivery_attempt,
+            lazy: match r.details {
+                Details::Lazy { at, .. } => Some(at),
+                Details::Given { .. } => None,
+            },
+        };
+        r.sub.clone().settle_nack(r, nacked, dropped);
+    }
+
+    /// Keeps the attributes as delivered before they are first changed.
+    fn keep_attributes(&mut self) {
+        if let Some(d) = delivered(&mut self.receipt) {
+            if d.attributes.is_none() {
+                d.attributes = Some(self.attributes.clone());
+            }
         }
     }
 
@@ -297,6 +352,7 @@ impl Message {
                 token,
                 delivery_attempt: m.delivery_attempt,
                 sub,
+                delivered: None,
             }),
         }
     }
@@ -314,11 +370,16 @@ impl Message {
     }
 }
 
+/// Where a received message keeps its parts as delivered; `None` for a
+/// message to send.
+fn delivered(receipt: &mut Option<Receipt>) -> Option<&mut Delivered> {
+    let r = receipt.as_mut()?;
+    Some(r.delivered.get_or_insert_with(Box::default))
+}
+
 impl Drop for Message {
     fn drop(&mut self) {
-        if let Some(r) = self.receipt.take() {
-            r.sub.clone().settle_nack(r, true);
-        }
+        self.settle_nack(true);
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::batcher::{BatchHandler, Batcher};
-use crate::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use crate::driver::{self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage};
 use crate::error::{Error, Result};
 use crate::message::{Message, Receipt};
 use crate::options::SubscriptionOptions;
@@ -826,7 +826,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn settle_nack(self: Arc<Self>, r: Receipt, dropped: bool) {
+    pub(crate) fn settle_nack(self: Arc<Self>, r: Receipt, nacked: Nacked, dropped: bool) {
         self.nacked.fetch_add(1, Ordering::Relaxed);
         if dropped && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
@@ -836,6 +836,12 @@ impl Shared {
         }
         if !self.caps.nack {
             // Left to the ack deadline; stop keeping its lease alive.
+            self.leases.release(std::iter::once(r.token));
+            return;
+        }
+        // After shutdown the driver is closed: the nack goes to the batcher,
+        // which refuses it, like any late nack.
+        if !self.shut_down.load(Ordering::Acquire) && self.driver.nack_now(&r.ack_id, nacked) {
             self.leases.release(std::iter::once(r.token));
             return;
         }
@@ -912,9 +918,18 @@ impl Shared {
         let unreceived: Vec<_> = lock(&self.state).queue.drain().collect();
         self.leases.release(unreceived.iter().map(|(_, t)| *t));
         if self.caps.nack && !unreceived.is_empty() {
-            let items = unreceived.into_iter().map(|(m, token)| Settle {
-                id: m.ack_id,
-                token,
+            // The driver is still open, so a driver that settles nacks at
+            // once settles these too.
+            let items = unreceived.into_iter().filter_map(|(m, token)| {
+                let nacked = Nacked {
+                    body: m.body,
+                    attributes: m.attributes,
+                    ordering_key: m.ordering_key,
+                    delivery_attempt: m.delivery_attempt,
+                    lazy: m.lazy,
+                };
+                let id = m.ack_id;
+                (!self.driver.nack_now(&id, nacked)).then_some(Settle { id, token })
             });
             // Cannot fail: the nack batcher closes only below.
             let _ = self.nacks.add_detached_many(items);
@@ -1033,6 +1048,9 @@ mod tests {
         now: Mutex<Vec<AckId>>,
         batched: AtomicUsize,
         nacked: AtomicUsize,
+        /// Settle nacks at once too, recording what they hand back.
+        nack_now: bool,
+        nacked_now: Mutex<Vec<(AckId, Nacked)>>,
     }
 
     #[async_trait]
@@ -1060,12 +1078,14 @@ mod tests {
             }
             Ok((first as u64..last as u64)
                 .map(|i| {
-                    ReceivedMessage::new(
+                    let mut m = ReceivedMessage::new(
                         Bytes::from_static(b"x"),
                         Default::default(),
                         i.to_string(),
                         AckId::from_u64(i),
-                    )
+                    );
+                    m.delivery_attempt = Some(1);
+                    m
                 })
                 .collect())
         }
@@ -1084,6 +1104,53 @@ mod tests {
             lock(&self.now).push(id.clone());
             true
         }
+        fn nack_now(&self, id: &AckId, message: Nacked) -> bool {
+            if self.nack_now {
+                lock(&self.nacked_now).push((id.clone(), message));
+            }
+            self.nack_now
+        }
+    }
+
+    #[tokio::test]
+    async fn nacks_settled_at_once_hand_back_each_message_as_delivered() {
+        let d = Arc::new(AcksAtOnce {
+            nack_now: true,
+            ..AcksAtOnce::default()
+        });
+        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let mut changed = sub.receive().await.unwrap();
+        let dropped = sub.receive().await.unwrap();
+        let plain = sub.receive().await.unwrap();
+        // What the application does to its message is not what is
+        // redelivered.
+        assert_eq!(changed.take_body(), "x");
+        changed.attributes_mut().insert("k".into(), "v".into());
+        let changed = changed.with_ordering_key("key").with_attribute("k2", "v2");
+        changed.nack();
+        drop(dropped);
+        assert_eq!(
+            lock(&sub.shared.leases.held).len(),
+            1,
+            "their leases are let go"
+        );
+        plain.nack();
+        let now = std::mem::take(&mut *lock(&d.nacked_now));
+        let ids: Vec<_> = now.iter().map(|(id, _)| id.as_u64()).collect();
+        assert_eq!(
+            ids,
+            [Some(0), Some(1), Some(2)],
+            "settled before nack returns"
+        );
+        for (_, m) in &now {
+            assert_eq!(m.body, "x");
+            assert!(m.attributes.is_empty() && m.ordering_key.is_none());
+            assert_eq!(m.delivery_attempt, Some(1));
+        }
+        assert_eq!(d.nacked.load(Ordering::SeqCst), 0, "nothing batched");
+        assert_eq!(sub.stats().nacked, 3);
+        assert_eq!(sub.stats().dropped_unsettled, 1);
+        sub.shutdown().await.unwrap();
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage};
 use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -65,10 +65,10 @@ impl SubscriptionConfig {
     }
 }
 
-/// What is kept of a delivered message until it is acked, so a nack can
-/// hand it out again without rewinding the consumer.
-#[derive(Clone)]
-struct Copy {
+/// A nacked message's content, which the core hands back with the nack:
+/// it is handed out again from here, without rewinding the consumer, and no
+/// copy of the deliveries in flight is kept.
+struct Content {
     body: Bytes,
     attributes: Attributes,
     key: Option<String>,
@@ -78,8 +78,6 @@ struct Copy {
 struct Pending {
     offset: i64,
     acked: bool,
-    attempts: u32,
-    copy: Option<Copy>,
 }
 
 /// One assigned partition as this consumer tracks it.
@@ -128,12 +126,10 @@ impl Part {
         self.pending.get_mut(i)
     }
 
-    fn record(&mut self, offset: i64, copy: Copy) {
+    fn record(&mut self, offset: i64) {
         let p = Pending {
             offset,
             acked: false,
-            attempts: 1,
-            copy: Some(copy),
         };
         // Offsets arrive in order; anything else (a reset to an earlier
         // offset) is placed, or replaces a delivery of the same offset.
@@ -153,7 +149,7 @@ impl Part {
 struct Redelivery {
     epoch: u64,
     offset: i64,
-    copy: Copy,
+    copy: Content,
     attempt: u32,
 }
 
@@ -251,13 +247,11 @@ impl Tracker {
         self.parts[i].find(offset)
     }
 
-    /// Marks a delivery acked and lets go of its copy; the index of its
-    /// partition, or `None` for a delivery of a partition since revoked.
+    /// Marks a delivery acked; the index of its partition, or `None` for a
+    /// delivery of a partition since revoked.
     fn ack(&mut self, epoch: u64, offset: i64) -> Option<usize> {
         let i = self.by_epoch(epoch)?;
-        let p = self.parts[i].find(offset)?;
-        p.acked = true;
-        p.copy = None;
+        self.parts[i].find(offset)?.acked = true;
         Some(i)
     }
 
@@ -519,24 +513,16 @@ impl KafkaSubscription {
         });
     }
 
-    /// Records each message as pending in its partition, keeping a copy
-    /// for nack, and completes its ack id with the partition's epoch.
+    /// Records each message as pending in its partition and completes its
+    /// ack id with the partition's epoch.
     fn track(&self, got: &mut [ReceivedMessage]) {
         let mut t = lock(&self.tracker);
         for m in got {
-            let (timestamp, topic, partition) = described(m.lazy.unwrap_or_default());
+            let (_, topic, partition) = described(m.lazy.unwrap_or_default());
             let offset = m.ack_id.as_u64_pair().map_or(0, |(_, o)| o as i64);
             let i = t.part(topic, &self.topic_names[topic], partition);
             let part = &mut t.parts[i];
-            part.record(
-                offset,
-                Copy {
-                    body: m.body.clone(),
-                    attributes: m.attributes.clone(),
-                    key: m.ordering_key.clone(),
-                    timestamp,
-                },
-            );
+            part.record(offset);
             m.ack_id = AckId::from_u64_pair(part.epoch, offset as u64);
         }
     }
@@ -641,8 +627,8 @@ fn delivery_id(topic: &str, partition: i32, offset: i64) -> String {
 }
 
 /// Where a batch's small bodies are copied: one allocation holds many, and
-/// each body (and its copy kept for nack) is a reference-counted slice of
-/// it, so neither costs an allocation of its own. A chunk is freed when the
+/// each body is a reference-counted slice of it, so none costs an
+/// allocation of its own. A chunk is freed when the
 /// last of its messages is settled; a message larger than `SMALL_BODY` gets
 /// a buffer of its own so it never pins a chunk.
 struct Bodies {
@@ -692,7 +678,7 @@ fn to_received(
     topic: usize,
     partition: i32,
     offset: i64,
-    c: Copy,
+    c: Content,
     attempt: u32,
 ) -> ReceivedMessage {
     let ack = AckId::from_u64_pair(epoch, offset as u64);
@@ -821,30 +807,48 @@ impl driver::Subscription for KafkaSubscription {
         true
     }
 
-    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+    fn nack_now(&self, id: &AckId, message: Nacked) -> bool {
+        // Kafka cannot hand a delivery back: the message is handed out
+        // again from its content, and its offset stays uncommitted (so a
+        // restart or the partition's next owner reads it again) until it
+        // is acked.
+        let Some((epoch, offset)) = id.as_u64_pair() else {
+            return true;
+        };
+        let offset = offset as i64;
+        let (timestamp, _, _) = described(message.lazy.unwrap_or_default());
         {
             let mut t = lock(&self.tracker);
-            for (epoch, offset) in acks(ids) {
-                let Some(p) = t.find(epoch, offset) else {
-                    continue;
-                };
-                if p.acked {
-                    continue;
-                }
-                if let Some(copy) = p.copy.clone() {
-                    p.attempts += 1;
-                    let attempt = p.attempts;
-                    t.redeliver.push_back(Redelivery {
-                        epoch,
-                        offset,
-                        copy,
-                        attempt,
-                    });
-                }
+            // Nothing to redeliver for an acked delivery, nor for one of a
+            // partition since revoked: its new owner reads it.
+            if !t.find(epoch, offset).is_some_and(|p| !p.acked) {
+                return true;
             }
+            t.redeliver.push_back(Redelivery {
+                epoch,
+                offset,
+                copy: Content {
+                    body: message.body,
+                    attributes: message.attributes,
+                    key: message.ordering_key,
+                    timestamp,
+                },
+                attempt: message.delivery_attempt.unwrap_or(1).saturating_add(1),
+            });
         }
         self.wake.notify_waiters();
-        Ok(())
+        true
+    }
+
+    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        // The core settles every nack with `nack_now` while the
+        // subscription is open, handing the message's content over; an id
+        // alone cannot be redelivered without rewinding the consumer.
+        let _ = ids;
+        Err(Error::failed_precondition(
+            "a Kafka subscription redelivers a nacked message from its content; nack it with pubsub_core::Message::nack",
+        )
+        .into())
     }
 
     async fn close(&self) -> Result<()> {
