@@ -251,6 +251,7 @@ impl Message {
     /// subscription again. Returns at once; acks are batched, and a failure
     /// shows in later `receive` and `shutdown` calls. Does nothing on a
     /// message that was never received.
+    #[inline]
     pub fn ack(mut self) {
         if let Some(r) = &self.receipt {
             r.sub.settle_ack(&r.ack_id, r.token);

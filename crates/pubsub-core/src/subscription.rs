@@ -78,7 +78,6 @@ pub(crate) struct Shared {
     shut_down: AtomicBool,
     stop: watch::Sender<bool>,
     next_token: AtomicU64,
-    received: AtomicU64,
     acked: AtomicU64,
     nacked: AtomicU64,
     dropped: AtomicU64,
@@ -90,6 +89,9 @@ pub(crate) struct Shared {
 
 struct RecvState {
     queue: Fetched,
+    /// Messages handed out; counted here, under the lock already held,
+    /// rather than in an atomic of their own.
+    received: u64,
     fetches: usize,
     error: Option<Error>,
     sizer: BatchSizer,
@@ -404,6 +406,7 @@ impl Subscription {
                 caps: caps.clone(),
                 state: Mutex::new(RecvState {
                     queue: Fetched::default(),
+                    received: 0,
                     fetches: 0,
                     error: None,
                     sizer: BatchSizer::new(max_batch),
@@ -416,7 +419,6 @@ impl Subscription {
                 shut_down: AtomicBool::new(false),
                 stop,
                 next_token: AtomicU64::new(0),
-                received: AtomicU64::new(0),
                 acked: AtomicU64::new(0),
                 nacked: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
@@ -543,12 +545,16 @@ impl Subscription {
     /// Counters since this subscription was opened.
     pub fn stats(&self) -> SubscriptionStats {
         let s = &self.shared;
+        let (received, receive_batch_size) = {
+            let st = lock(&s.state);
+            (st.received, st.sizer.current())
+        };
         SubscriptionStats {
-            received: s.received.load(Ordering::Relaxed),
+            received,
             acked: s.acked.load(Ordering::Relaxed),
             nacked: s.nacked.load(Ordering::Relaxed),
             dropped_unsettled: s.dropped.load(Ordering::Relaxed),
-            receive_batch_size: lock(&s.state).sizer.current(),
+            receive_batch_size,
         }
     }
 
@@ -638,13 +644,13 @@ impl Shared {
     /// Called with the state locked once a message was taken from the
     /// queue.
     fn taken(self: &Arc<Self>, st: &mut RecvState) {
+        st.received += 1;
         st.sizer.handed += 1;
         self.maybe_fetch(st);
     }
 
     #[inline]
     fn hand_out(self: &Arc<Self>, m: ReceivedMessage, token: u64) -> Message {
-        self.received.fetch_add(1, Ordering::Relaxed);
         Message::from_received(m, token, self.clone())
     }
 
