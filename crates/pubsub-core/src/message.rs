@@ -319,6 +319,16 @@ impl Message {
 
     pub(crate) fn into_outgoing(self) -> OutgoingMessage {
         let mut this = self;
+        if this.receipt.is_some() {
+            // Dropping `this` below nacks it, handing over what it holds
+            // then, so the content must stay as delivered.
+            this.keep_attributes();
+            let (body, key) = (this.body.clone(), this.ordering_key.clone());
+            if let Some(d) = delivered(&mut this.receipt) {
+                d.body.get_or_insert(body);
+                d.ordering_key.get_or_insert(key);
+            }
+        }
         let mut out = OutgoingMessage::new(std::mem::take(&mut this.body));
         out.attributes = std::mem::take(&mut this.attributes);
         out.ordering_key = this.ordering_key.take();

@@ -1056,6 +1056,8 @@ mod tests {
         nacked: AtomicUsize,
         /// Settle nacks at once too, recording what they hand back.
         nack_now: bool,
+        /// Messages beyond the three every test gets.
+        extra: usize,
         nacked_now: Mutex<Vec<(AckId, Nacked)>>,
     }
 
@@ -1076,9 +1078,11 @@ mod tests {
             }
         }
         async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
-            // Three messages in all, so the leases held are known.
-            let first = self.sent.fetch_add(max, Ordering::SeqCst).min(3);
-            let last = (first + max).min(3);
+            // Three messages in all (unless told), so the leases held are
+            // known.
+            let all = 3 + self.extra;
+            let first = self.sent.fetch_add(max, Ordering::SeqCst).min(all);
+            let last = (first + max).min(all);
             if first == last {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -1122,12 +1126,23 @@ mod tests {
     async fn nacks_settled_at_once_hand_back_each_message_as_delivered() {
         let d = Arc::new(AcksAtOnce {
             nack_now: true,
+            extra: 1,
             ..AcksAtOnce::default()
         });
         let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
         let mut changed = sub.receive().await.unwrap();
         let dropped = sub.receive().await.unwrap();
         let plain = sub.receive().await.unwrap();
+        // A received message sent on elsewhere is nacked as it was
+        // delivered (and sent as it is now).
+        let forwarded = sub
+            .receive()
+            .await
+            .unwrap()
+            .with_attribute("hop", "1")
+            .into_outgoing();
+        assert_eq!(forwarded.body, "x");
+        assert_eq!(forwarded.attributes.len(), 1);
         // What the application does to its message is not what is
         // redelivered.
         assert_eq!(changed.take_body(), "x");
@@ -1145,7 +1160,7 @@ mod tests {
         let ids: Vec<_> = now.iter().map(|(id, _)| id.as_u64()).collect();
         assert_eq!(
             ids,
-            [Some(0), Some(1), Some(2)],
+            [Some(3), Some(0), Some(1), Some(2)],
             "settled before nack returns"
         );
         for (_, m) in &now {
@@ -1154,8 +1169,8 @@ mod tests {
             assert_eq!(m.delivery_attempt, Some(1));
         }
         assert_eq!(d.nacked.load(Ordering::SeqCst), 0, "nothing batched");
-        assert_eq!(sub.stats().nacked, 3);
-        assert_eq!(sub.stats().dropped_unsettled, 1);
+        assert_eq!(sub.stats().nacked, 4);
+        assert_eq!(sub.stats().dropped_unsettled, 2);
         sub.shutdown().await.unwrap();
     }
 
