@@ -161,11 +161,7 @@ impl Message {
     /// Sets the ordering key: messages with one key are delivered in the
     /// order they were sent, where the backend supports it.
     pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
-        if let Some(d) = delivered(&mut self.receipt) {
-            if d.ordering_key.is_none() {
-                d.ordering_key = Some(self.ordering_key.clone());
-            }
-        }
+        self.keep_ordering_key();
         self.ordering_key = Some(key.into());
         self
     }
@@ -239,11 +235,7 @@ impl Message {
 
     /// Takes the body, leaving an empty one.
     pub fn take_body(&mut self) -> Bytes {
-        if let Some(d) = delivered(&mut self.receipt) {
-            if d.body.is_none() {
-                d.body = Some(self.body.clone());
-            }
-        }
+        self.keep_body();
         std::mem::take(&mut self.body)
     }
 
@@ -291,12 +283,25 @@ impl Message {
         r.sub.clone().settle_nack(r, nacked, dropped);
     }
 
-    /// Keeps the attributes as delivered before they are first changed.
+    // A received message keeps each part as delivered before it is first
+    // changed; a message to send keeps nothing.
+
+    fn keep_body(&mut self) {
+        if let Some(d) = delivered(&mut self.receipt) {
+            d.body.get_or_insert_with(|| self.body.clone());
+        }
+    }
+
     fn keep_attributes(&mut self) {
         if let Some(d) = delivered(&mut self.receipt) {
-            if d.attributes.is_none() {
-                d.attributes = Some(self.attributes.clone());
-            }
+            d.attributes.get_or_insert_with(|| self.attributes.clone());
+        }
+    }
+
+    fn keep_ordering_key(&mut self) {
+        if let Some(d) = delivered(&mut self.receipt) {
+            d.ordering_key
+                .get_or_insert_with(|| self.ordering_key.clone());
         }
     }
 
@@ -322,12 +327,9 @@ impl Message {
         if this.receipt.is_some() {
             // Dropping `this` below nacks it, handing over what it holds
             // then, so the content must stay as delivered.
+            this.keep_body();
             this.keep_attributes();
-            let (body, key) = (this.body.clone(), this.ordering_key.clone());
-            if let Some(d) = delivered(&mut this.receipt) {
-                d.body.get_or_insert(body);
-                d.ordering_key.get_or_insert(key);
-            }
+            this.keep_ordering_key();
         }
         let mut out = OutgoingMessage::new(std::mem::take(&mut this.body));
         out.attributes = std::mem::take(&mut this.attributes);
