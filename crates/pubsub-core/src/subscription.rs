@@ -927,13 +927,7 @@ impl Shared {
             // The driver is still open, so a driver that settles nacks at
             // once settles these too.
             let items = unreceived.into_iter().filter_map(|(m, token)| {
-                let nacked = Nacked {
-                    body: m.body,
-                    attributes: m.attributes,
-                    ordering_key: m.ordering_key,
-                    delivery_attempt: m.delivery_attempt,
-                    lazy: m.lazy,
-                };
+                let nacked = Nacked::from_received(&m);
                 let id = m.ack_id;
                 (!self.driver.nack_now(&id, nacked)).then_some(Settle { id, token })
             });
