@@ -455,11 +455,16 @@ impl KafkaSubscription {
             .collect()
     }
 
-    /// What is kept of a message: copied out at once, so librdkafka's
-    /// buffer is released while the next message is polled. Built as the
-    /// message handed out, whose ack id still lacks the partition's epoch:
-    /// [`KafkaSubscription::track`] fills it in.
-    fn copy_out(&self, m: &BorrowedMessage<'_>, bodies: &mut Bodies) -> Option<ReceivedMessage> {
+    /// What is kept of a message, pushed onto `got`: copied out at once, so
+    /// librdkafka's buffer is released while the next message is polled.
+    /// Built as the message handed out, whose ack id still lacks the
+    /// partition's epoch: [`KafkaSubscription::track`] fills it in.
+    fn copy_out(
+        &self,
+        m: BorrowedMessage<'_>,
+        bodies: &mut Bodies,
+        got: &mut Vec<ReceivedMessage>,
+    ) {
         // Reading the topic's name costs a strlen and a UTF-8 check a
         // message; with one topic subscribed it is known.
         let topic = match &self.topic_names[..] {
@@ -472,7 +477,7 @@ impl KafkaSubscription {
                         topic = name,
                         "ignored a message of a topic not subscribed to"
                     );
-                    return None;
+                    return;
                 };
                 i
             }
@@ -490,10 +495,16 @@ impl KafkaSubscription {
         }
         let ack = AckId::from_u64_pair(UNTRACKED, m.offset() as u64);
         let at = describe_at(m.timestamp(), topic, m.partition());
-        let mut r = ReceivedMessage::describe_lazily(body, attributes, ack, at);
-        r.ordering_key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        r.delivery_attempt = Some(1);
-        Some(r)
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        // Released before the message handed out is built: releasing it
+        // decrements an atomic count, which waits for every store before it,
+        // the 176 bytes of a message built first included.
+        drop(m);
+        got.push(ReceivedMessage::describe_lazily(body, attributes, ack, at));
+        if let Some(r) = got.last_mut() {
+            r.ordering_key = key;
+            r.delivery_attempt = Some(1);
+        }
     }
 
     /// Drops messages polled before their partition was revoked during
@@ -750,13 +761,12 @@ impl driver::Subscription for KafkaSubscription {
                 .map_err(error::map)?;
             let mut got = Vec::with_capacity(max.min(4096));
             let mut bodies = Bodies::new(max);
-            got.extend(self.copy_out(&first, &mut bodies));
-            drop(first);
+            self.copy_out(first, &mut bodies, &mut got);
             // Take what has already arrived; no message is held across an
             // await, and each is released before the next is polled.
             while got.len() < max {
                 match stream.next().now_or_never() {
-                    Some(Some(Ok(m))) => got.extend(self.copy_out(&m, &mut bodies)),
+                    Some(Some(Ok(m))) => self.copy_out(m, &mut bodies, &mut got),
                     Some(Some(Err(e))) => {
                         tracing::warn!(error = %e, "Kafka consumer error");
                         break;
