@@ -12,6 +12,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -516,6 +517,28 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
     /// The backend's own client, for [`crate::Subscription::as_raw`].
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
         None
+    }
+
+    /// A counter the driver raises whenever deliveries it has returned may
+    /// have been taken back before the application got them: the partitions
+    /// a Kafka consumer loses in a rebalance belong to another consumer from
+    /// then on, which reads their unacked messages again, and acks of the
+    /// old deliveries no longer count. When the counter moves, the core asks
+    /// [`Subscription::is_current`] about each message it has fetched and
+    /// not yet handed out, and drops those that are not, without acking or
+    /// nacking them. Asked once, when the subscription is made; `None`, the
+    /// default, for backends whose deliveries stay good until they are
+    /// settled or their ack deadline passes.
+    fn revocations(&self) -> Option<Arc<AtomicU64>> {
+        None
+    }
+
+    /// Whether a delivery this driver returned may still be handed to the
+    /// application; see [`Subscription::revocations`]. Called with the
+    /// core's receive queue locked, so it must be quick and never block.
+    fn is_current(&self, ack_id: &AckId) -> bool {
+        let _ = ack_id;
+        true
     }
 
     /// The id, fit for logs, of a message this driver made with

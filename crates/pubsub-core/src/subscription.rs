@@ -52,6 +52,12 @@ pub struct SubscriptionStats {
     pub dropped_unsettled: u64,
     /// The current adaptive receive batch size.
     pub receive_batch_size: usize,
+    /// Messages fetched and not yet handed out.
+    pub queued: usize,
+    /// Messages fetched and then dropped before they were handed out,
+    /// because the backend took them back (Kafka: of partitions revoked in
+    /// a rebalance, which their new owner reads again).
+    pub revoked: u64,
 }
 
 /// What acks, nacks and extensions carry: the backend's id and the token of
@@ -85,6 +91,8 @@ pub(crate) struct Shared {
     runtime: Handle,
     /// The lease keeper, awaited on shutdown so no extension follows close.
     keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The driver's count of revocations (`driver::Subscription::revocations`).
+    revocations: Option<Arc<AtomicU64>>,
 }
 
 struct RecvState {
@@ -95,6 +103,10 @@ struct RecvState {
     fetches: usize,
     error: Option<Error>,
     sizer: BatchSizer,
+    /// The driver's revocation count the queue was last checked at.
+    revocations_seen: u64,
+    /// Queued messages dropped because the driver took them back.
+    revoked: u64,
 }
 
 /// Fetched messages not yet handed out, kept as the batches the driver
@@ -142,6 +154,33 @@ impl Fetched {
 
     fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Keeps the messages `keep` accepts, in order, and returns the tokens
+    /// of the others.
+    fn retain(&mut self, mut keep: impl FnMut(&ReceivedMessage) -> bool) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        let mut kept = Fetched::default();
+        for (batch, first) in std::mem::take(&mut self.batches) {
+            // A batch's tokens run on without gaps, so a dropped message
+            // ends a run of kept ones, which is queued as a batch of its own.
+            let mut run = Vec::new();
+            let mut run_first = first;
+            for (m, token) in batch.zip(first..) {
+                if keep(&m) {
+                    if run.is_empty() {
+                        run_first = token;
+                    }
+                    run.push(m);
+                } else {
+                    dropped.push(token);
+                    kept.push(std::mem::take(&mut run), run_first);
+                }
+            }
+            kept.push(run, run_first);
+        }
+        *self = kept;
+        dropped
     }
 
     fn drain(&mut self) -> impl Iterator<Item = (ReceivedMessage, u64)> {
@@ -389,6 +428,10 @@ impl Subscription {
         });
         let failure = Arc::new(FailureSlot::default());
         let (stop, _) = watch::channel(false);
+        let revocations = driver.revocations();
+        let revocations_seen = revocations
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Acquire));
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let handler = |kind| -> Arc<dyn BatchHandler<Settle>> {
                 Arc::new(SettleHandler {
@@ -410,6 +453,8 @@ impl Subscription {
                     fetches: 0,
                     error: None,
                     sizer: BatchSizer::new(max_batch),
+                    revocations_seen,
+                    revoked: 0,
                 }),
                 ready: Notify::new(),
                 fetch_done: Notify::new(),
@@ -425,6 +470,7 @@ impl Subscription {
                 retry: options.retry,
                 runtime: Handle::current(),
                 keeper: Mutex::new(None),
+                revocations,
             }
         });
         if leases.enabled {
@@ -545,9 +591,9 @@ impl Subscription {
     /// Counters since this subscription was opened.
     pub fn stats(&self) -> SubscriptionStats {
         let s = &self.shared;
-        let (received, receive_batch_size) = {
+        let (received, receive_batch_size, queued, revoked) = {
             let st = lock(&s.state);
-            (st.received, st.sizer.current())
+            (st.received, st.sizer.current(), st.queue.len(), st.revoked)
         };
         SubscriptionStats {
             received,
@@ -555,6 +601,8 @@ impl Subscription {
             nacked: s.nacked.load(Ordering::Relaxed),
             dropped_unsettled: s.dropped.load(Ordering::Relaxed),
             receive_batch_size,
+            queued,
+            revoked,
         }
     }
 
@@ -620,6 +668,7 @@ impl Shared {
         if let Some(e) = self.receive_error() {
             return Some(Err(e));
         }
+        self.check_revocations(&mut st);
         match st.queue.pop_front_with(|m, token| self.hand_out(m, token)) {
             Some(m) => {
                 self.taken(&mut st);
@@ -641,12 +690,46 @@ impl Shared {
         self.failure.get()
     }
 
+    /// Drops the queued messages the driver has taken back since the queue
+    /// was last checked. Called with the state locked before each hand-out,
+    /// so a message of a revoked Kafka partition is never handed out once
+    /// the revocation is known.
+    #[inline]
+    fn check_revocations(&self, st: &mut RecvState) {
+        if let Some(c) = &self.revocations {
+            let now = c.load(Ordering::Acquire);
+            if now != st.revocations_seen {
+                self.drop_revoked(st, now);
+            }
+        }
+    }
+
+    #[cold]
+    fn drop_revoked(&self, st: &mut RecvState, now: u64) {
+        st.revocations_seen = now;
+        let dropped = st.queue.retain(|m| self.driver.is_current(&m.ack_id));
+        if !dropped.is_empty() {
+            tracing::debug!(
+                messages = dropped.len(),
+                "dropped queued messages the backend took back"
+            );
+            st.revoked += dropped.len() as u64;
+            self.leases.release(dropped.into_iter());
+        }
+    }
+
     /// Called with the state locked once a message was taken from the
     /// queue.
     fn taken(self: &Arc<Self>, st: &mut RecvState) {
         st.received += 1;
         st.sizer.handed += 1;
         self.maybe_fetch(st);
+    }
+
+    fn revocation_count(&self) -> u64 {
+        self.revocations
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Acquire))
     }
 
     #[inline]
@@ -663,6 +746,7 @@ impl Shared {
                 if let Some(e) = self.receive_error() {
                     return Err(e);
                 }
+                self.check_revocations(&mut st);
                 if let Some(m) = st.queue.pop_front_with(|m, token| self.hand_out(m, token)) {
                     self.taken(&mut st);
                     drop(st);
@@ -737,12 +821,20 @@ impl Shared {
                 max
             );
             let asked = Instant::now();
+            let revocations = self.revocation_count();
             let got = tokio::select! {
                 r = d.receive_batch(max).instrument(span) => r,
                 _ = stop.wait_for(|s| *s) => break,
             };
             match got {
-                Ok(batch) => {
+                Ok(mut batch) => {
+                    if self.revocation_count() != revocations {
+                        // Taken back, maybe, while the batch was fetched;
+                        // the queue is checked from the count read here on.
+                        let before = batch.len();
+                        batch.retain(|m| d.is_current(&m.ack_id));
+                        lock(&self.state).revoked += (before - batch.len()) as u64;
+                    }
                     let now = Instant::now();
                     let base = self
                         .next_token
@@ -1338,6 +1430,120 @@ mod tests {
         let rest: Vec<(String, u64)> = q.drain().map(|(m, t)| (m.id, t)).collect();
         assert_eq!(rest, [("c".into(), 12), ("d".into(), 13), ("e".into(), 14)]);
         assert!(q.is_empty() && q.pop_front().is_none());
+    }
+
+    #[test]
+    fn retained_messages_keep_their_order_and_tokens() {
+        let batch = |ids: &[&str]| -> Vec<ReceivedMessage> {
+            ids.iter()
+                .map(|id| {
+                    ReceivedMessage::new(
+                        Bytes::new(),
+                        Default::default(),
+                        (*id).to_owned(),
+                        AckId::from_text(*id),
+                    )
+                })
+                .collect()
+        };
+        let mut q = Fetched::default();
+        q.push(batch(&["a", "b", "c", "d"]), 10);
+        q.push(batch(&["e"]), 14);
+        q.push(batch(&["f", "g"]), 20);
+        let _ = q.pop_front();
+        let dropped = q.retain(|m| !["c", "e", "f"].contains(&m.id.as_str()));
+        assert_eq!(dropped, [12, 14, 20]);
+        assert_eq!(q.len(), 3);
+        let rest: Vec<(String, u64)> = q.drain().map(|(m, t)| (m.id, t)).collect();
+        assert_eq!(rest, [("b".into(), 11), ("d".into(), 13), ("g".into(), 21)]);
+    }
+
+    /// A fake driver that takes deliveries back: those of ids in `gone`.
+    #[derive(Debug, Default)]
+    struct TakesBack {
+        calls: AtomicUsize,
+        revocations: Arc<AtomicU64>,
+        gone: Mutex<std::collections::HashSet<u64>>,
+    }
+
+    impl TakesBack {
+        fn take_back(&self, ids: &[u64]) {
+            lock(&self.gone).extend(ids);
+            self.revocations.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    #[async_trait]
+    impl driver::Subscription for TakesBack {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+
+        fn resource(&self) -> &str {
+            "fake"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+
+        async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
+            let batch = |ids: std::ops::Range<u64>| {
+                ids.map(|id| {
+                    ReceivedMessage::new(
+                        Bytes::new(),
+                        Default::default(),
+                        id.to_string(),
+                        AckId::from_u64(id),
+                    )
+                })
+                .collect()
+            };
+            match self.calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(batch(0..10)),
+                1 => {
+                    // Taken back while this very batch is being fetched.
+                    self.take_back(&[11]);
+                    Ok(batch(10..13))
+                }
+                _ => std::future::pending().await,
+            }
+        }
+
+        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
+            Ok(())
+        }
+
+        fn revocations(&self) -> Option<Arc<AtomicU64>> {
+            Some(self.revocations.clone())
+        }
+
+        fn is_current(&self, ack_id: &AckId) -> bool {
+            !lock(&self.gone).contains(&ack_id.as_u64().unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_the_driver_took_back_are_never_handed_out() {
+        let d = Arc::new(TakesBack::default());
+        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let first = sub.receive().await.unwrap();
+        assert_eq!(first.id(), Some("0"));
+        d.take_back(&[3, 4, 5]);
+        let mut ids = Vec::new();
+        for _ in 0..8 {
+            let m = tokio::time::timeout(Duration::from_secs(5), sub.receive())
+                .await
+                .expect("the rest arrives")
+                .unwrap();
+            ids.push(m.id().unwrap().to_owned());
+            m.ack();
+        }
+        assert_eq!(ids, ["1", "2", "6", "7", "8", "9", "10", "12"]);
+        let stats = sub.stats();
+        assert_eq!((stats.revoked, stats.queued), (4, 0));
+        first.ack();
+        sub.shutdown().await.unwrap();
     }
 
     #[test]

@@ -47,9 +47,14 @@
 //! - Nack works, unlike in the Go CDK (which panics): a nacked message is
 //!   handed out again soon by this consumer from a local queue, and its
 //!   offset is not committed until it is acked.
-//! - On a rebalance, revoked partitions' acked prefixes are committed and
-//!   their nacked messages dropped (their new owner reads them); acks of
-//!   deliveries from before the revocation are ignored.
+//! - On a rebalance, revoked partitions' acked prefixes are committed, and
+//!   their messages not yet handed out are dropped unacked, for their new
+//!   owner reads them: nacked ones waiting to be handed out again, and
+//!   those the subscription prefetched (counted in
+//!   `SubscriptionStats::revoked`). Acks of deliveries from before the revocation are
+//!   ignored. The revocation itself is served when the consumer is next
+//!   polled, which the subscription does whenever its queue has room for
+//!   another batch.
 //! - Header values are read as UTF-8, invalid bytes replaced by U+FFFD; a
 //!   message's key becomes its ordering key.
 //! - Secrets in the settings never appear in errors, logs or `Debug`.

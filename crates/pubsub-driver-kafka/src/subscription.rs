@@ -4,7 +4,7 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -197,8 +197,6 @@ struct Tracker {
     last: usize,
     redeliver: VecDeque<Redelivery>,
     next_epoch: u64,
-    /// Counts revocations, so a batch polled across one can tell.
-    revocations: u64,
     /// Acks settled at once moved some partition's acked prefix since the
     /// offsets were last stored.
     store_due: bool,
@@ -277,6 +275,9 @@ impl Tracker {
 /// [`KafkaConsumer`].
 pub struct KafkaContext {
     tracker: Arc<Mutex<Tracker>>,
+    /// Raised once the revoked partitions are forgotten, so that a batch
+    /// polled across a revocation, and the core's queue, can tell.
+    revocations: Arc<AtomicU64>,
 }
 
 impl ClientContext for KafkaContext {}
@@ -288,7 +289,6 @@ impl ConsumerContext for KafkaContext {
         };
         let tpl = {
             let mut t = lock(&self.tracker);
-            t.revocations += 1;
             let gone: Vec<usize> = (0..t.parts.len())
                 .filter(|&i| {
                     let p = &t.parts[i];
@@ -301,6 +301,9 @@ impl ConsumerContext for KafkaContext {
             t.last = 0;
             // Nacked messages of revoked partitions belong to their new owner.
             t.redeliver.retain(|r| !epochs.contains(&r.epoch));
+            // Under the lock: whoever sees the new count finds the
+            // partitions gone.
+            self.revocations.fetch_add(1, Ordering::AcqRel);
             tpl
         };
         if tpl.count() > 0 && !consumer.assignment_lost() {
@@ -365,6 +368,7 @@ pub struct KafkaSubscription {
     /// The subscribed topics' names, shared by every message's tracking.
     topic_names: Vec<Arc<str>>,
     tracker: Arc<Mutex<Tracker>>,
+    revocations: Arc<AtomicU64>,
     wake: Arc<Notify>,
     store: Arc<StoreSignal>,
     subscribed: AtomicBool,
@@ -391,9 +395,11 @@ impl KafkaSubscription {
             StartOffset::Newest => "latest",
         };
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let revocations = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Notify::new());
         let ctx = KafkaContext {
             tracker: tracker.clone(),
+            revocations: revocations.clone(),
         };
         let mut cc = settings.client_config(CONSUMER_DEFAULTS);
         if settings.get("auto.offset.reset").is_none() {
@@ -407,6 +413,7 @@ impl KafkaSubscription {
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             topic_names: topics.iter().map(|t| Arc::from(*t)).collect(),
             tracker,
+            revocations,
             wake,
             store: Arc::default(),
             subscribed: AtomicBool::new(false),
@@ -735,7 +742,7 @@ impl driver::Subscription for KafkaSubscription {
         self.ensure_subscribed().await?;
         let deadline = tokio::time::Instant::now() + POLL;
         loop {
-            let revocations = lock(&self.tracker).revocations;
+            let revocations = self.revocations.load(Ordering::Acquire);
             let redelivered = self.take_redeliveries(max);
             if !redelivered.is_empty() {
                 return Ok(redelivered);
@@ -775,7 +782,7 @@ impl driver::Subscription for KafkaSubscription {
                 }
             }
             drop(stream);
-            if lock(&self.tracker).revocations != revocations {
+            if self.revocations.load(Ordering::Acquire) != revocations {
                 self.still_assigned(&mut got);
             }
             self.track(&mut got);
@@ -905,6 +912,20 @@ impl driver::Subscription for KafkaSubscription {
 
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
         Some(&*self.consumer)
+    }
+
+    fn revocations(&self) -> Option<Arc<AtomicU64>> {
+        Some(self.revocations.clone())
+    }
+
+    fn is_current(&self, ack_id: &AckId) -> bool {
+        // Revocation forgets a partition's assignment, whose epoch the ids
+        // of its deliveries carry; a later assignment of the same partition
+        // reads its unacked messages again under a new epoch.
+        match ack_id.as_u64_pair() {
+            Some((epoch, _)) => lock(&self.tracker).by_epoch(epoch).is_some(),
+            None => true,
+        }
     }
 
     fn describe_id(&self, ack_id: &AckId, at: (i64, i64)) -> String {

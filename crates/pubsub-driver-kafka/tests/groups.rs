@@ -1,6 +1,7 @@
 //! Consumer-group behaviour on both brokers: offsets committed only for the
 //! contiguously acked prefix survive a restart, two consumers in one group
-//! split the partitions, and one subscription reads several topics.
+//! split the partitions, a rebalance drops the queued messages of revoked
+//! partitions, and one subscription reads several topics.
 
 mod common;
 
@@ -282,6 +283,124 @@ async fn two_consumers_split_the_partitions(k: Kafka) {
     topic.shutdown().await.unwrap();
 }
 
+/// The partitions a consumer holds, as librdkafka has them now.
+fn assigned(sub: &Subscription) -> HashSet<i32> {
+    let consumer = sub.as_raw::<KafkaConsumer>().expect("the raw consumer");
+    let assignment = consumer.assignment().expect("assignment");
+    assignment
+        .elements()
+        .iter()
+        .map(|e| e.partition())
+        .collect()
+}
+
+/// A consumer whose queue holds messages of every partition loses half the
+/// partitions to a second consumer. From the moment it holds its new
+/// assignment, it hands out no message of a partition it lost: those
+/// messages are dropped from its queue unacked (and counted as revoked), and
+/// the new owner reads them. Together the two get every message.
+async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
+    let n = 4_000;
+    let name = unique("revoke");
+    let topic = topic_with(&k, &name, 4).await;
+    send_all(&topic, n).await;
+    let group = format!("{name}-group");
+    let first = subscription(&k, &group, &name);
+    let mut seen = HashSet::new();
+    // Read a while, so that receive batches grow and the queue holds much
+    // of the backlog.
+    for _ in 0..1_000 {
+        let m = tokio::time::timeout(Duration::from_secs(60), first.receive())
+            .await
+            .expect("the first consumer receives")
+            .unwrap();
+        seen.insert(m.body().clone());
+        m.ack();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.stats().queued < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the queue never filled: {:?}",
+            first.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = first.stats().queued;
+
+    let second = subscription(&k, &group, &name);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = {
+        let second = second.clone();
+        tokio::spawn(async move {
+            while let Ok(m) = second.receive().await {
+                let _ = tx.send(m.body().clone());
+                m.ack();
+            }
+        })
+    };
+    // The first consumer goes on, slowly until it holds its share: its
+    // consumer is polled, and its revocation served, only as its queue
+    // drains. (A broker may also give everything to the second consumer
+    // while the first is not polled, and the first learn that it lost its
+    // partitions only then.)
+    let mut settled: Option<HashSet<i32>> = None;
+    let mut after_settling = 0;
+    let mut stale = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < n || settled.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} messages arrived; first consumer {:?}, holding {:?}",
+            seen.len(),
+            first.stats(),
+            assigned(&first)
+        );
+        while let Ok(body) = rx.try_recv() {
+            seen.insert(body);
+        }
+        if settled.is_none() {
+            let now = assigned(&first);
+            if now.len() == 2 {
+                settled = Some(now);
+            }
+        }
+        let Ok(m) = tokio::time::timeout(Duration::from_millis(200), first.receive()).await else {
+            continue;
+        };
+        let m = m.unwrap();
+        if let Some(held) = &settled {
+            after_settling += 1;
+            let (partition, offset) = place(&m);
+            if !held.contains(&partition) {
+                stale.push((partition, offset));
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen.insert(m.body().clone());
+        m.ack();
+    }
+    let stats = first.stats();
+    println!(
+        "revoke: {queued} queued before the second consumer joined; the first then held {settled:?}, handed out {after_settling} more; {stats:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "the first consumer handed out {} messages of partitions it no longer held, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    assert!(
+        stats.revoked > 0,
+        "queued messages of the revoked partitions were dropped: {stats:?}"
+    );
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+    reader.await.unwrap();
+    topic.shutdown().await.unwrap();
+}
+
 /// One subscription over two topics gets every message of both, each
 /// named by its own topic, and acks, nacks and redelivery work across them.
 async fn one_subscription_reads_two_topics(k: Kafka) {
@@ -364,6 +483,19 @@ async fn mock_two_consumers_split_the_partitions() {
 async fn tansu_two_consumers_split_the_partitions() {
     two_consumers_split_the_partitions(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_a_rebalance_drops_queued_messages_of_revoked_partitions() {
+    a_rebalance_drops_queued_messages_of_revoked_partitions(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_a_rebalance_drops_queued_messages_of_revoked_partitions() {
+    a_rebalance_drops_queued_messages_of_revoked_partitions(
+        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
