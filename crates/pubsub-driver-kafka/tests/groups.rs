@@ -307,6 +307,7 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
     let group = format!("{name}-group");
     let first = subscription(&k, &group, &name);
     let mut seen = HashSet::new();
+    let mut deliveries = 0;
     // Read a while, so that receive batches grow and the queue holds much
     // of the backlog.
     for _ in 0..1_000 {
@@ -314,6 +315,7 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
             .await
             .expect("the first consumer receives")
             .unwrap();
+        deliveries += 1;
         seen.insert(m.body().clone());
         m.ack();
     }
@@ -357,6 +359,7 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
             assigned(&first)
         );
         while let Ok(body) = rx.try_recv() {
+            deliveries += 1;
             seen.insert(body);
         }
         if settled.is_none() {
@@ -376,14 +379,16 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
                 stale.push((partition, offset));
             }
         } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        deliveries += 1;
         seen.insert(m.body().clone());
         m.ack();
     }
     let stats = first.stats();
+    let again = deliveries - seen.len();
     println!(
-        "revoke: {queued} queued before the second consumer joined; the first then held {settled:?}, handed out {after_settling} more; {stats:?}"
+        "revoke: {queued} queued before the second consumer joined; the first then held {settled:?}, handed out {after_settling} more; {again} delivered again; {stats:?}"
     );
     assert!(
         stale.is_empty(),
@@ -395,6 +400,14 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
         stats.revoked > 0,
         "queued messages of the revoked partitions were dropped: {stats:?}"
     );
+    // Revocation commits the acked prefix, so the new owner reads again
+    // only the message the first consumer held unacked at the time. (The
+    // mock cluster goes on without a member that rejoins later than its
+    // session timeout, and then refuses that member's commits, so there
+    // its acks since the last auto-commit come back too.)
+    if matches!(k.broker, common::Broker::Tcp(_)) {
+        assert!(again <= 1, "{again} acked messages were delivered again");
+    }
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
     reader.await.unwrap();
