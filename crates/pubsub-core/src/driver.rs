@@ -535,7 +535,9 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
 
     /// Whether a delivery this driver returned may still be handed to the
     /// application; see [`Subscription::revocations`]. Called with the
-    /// core's receive queue locked, so it must be quick and never block.
+    /// core's receive queue locked, once for each queued message, so it
+    /// must be quick: at most a short lock of the driver's own, never I/O
+    /// or a wait on the core.
     fn is_current(&self, ack_id: &AckId) -> bool {
         let _ = ack_id;
         true

@@ -827,14 +827,7 @@ impl Shared {
                 _ = stop.wait_for(|s| *s) => break,
             };
             match got {
-                Ok(mut batch) => {
-                    if self.revocation_count() != revocations {
-                        // Taken back, maybe, while the batch was fetched;
-                        // the queue is checked from the count read here on.
-                        let before = batch.len();
-                        batch.retain(|m| d.is_current(&m.ack_id));
-                        lock(&self.state).revoked += (before - batch.len()) as u64;
-                    }
+                Ok(batch) => {
                     let now = Instant::now();
                     let base = self
                         .next_token
@@ -844,6 +837,14 @@ impl Shared {
                         let mut st = lock(&self.state);
                         let empty = batch.is_empty();
                         st.queue.push(batch, base);
+                        // Read under the lock, where receivers check it:
+                        // deliveries taken back while this batch was fetched
+                        // or on its way here are dropped before any
+                        // receiver can take them.
+                        let now = self.revocation_count();
+                        if now != revocations {
+                            self.drop_revoked(&mut st, now);
+                        }
                         if empty
                             && self.waiting.load(Ordering::Acquire) > 0
                             && !self.shut_down.load(Ordering::Acquire)
@@ -1013,7 +1014,12 @@ impl Shared {
             }
             done.await;
         }
-        let unreceived: Vec<_> = lock(&self.state).queue.drain().collect();
+        let unreceived: Vec<_> = {
+            let mut st = lock(&self.state);
+            // Deliveries taken back are dropped, not nacked.
+            self.check_revocations(&mut st);
+            st.queue.drain().collect()
+        };
         self.leases.release(unreceived.iter().map(|(_, t)| *t));
         if self.caps.nack && !unreceived.is_empty() {
             // The driver is still open, so a driver that settles nacks at

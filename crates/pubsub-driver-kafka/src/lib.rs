@@ -51,7 +51,10 @@
 //!   their messages not yet handed out are dropped unacked, for their new
 //!   owner reads them: nacked ones waiting to be handed out again, and
 //!   those the subscription prefetched (counted in
-//!   `SubscriptionStats::revoked`). Acks of deliveries from before the revocation are
+//!   `SubscriptionStats::revoked`). With librdkafka's default (eager)
+//!   assignors every rebalance revokes every partition, so the whole
+//!   prefetched queue goes, and a partition assigned again is read again
+//!   from its committed offset. Acks of deliveries from before the revocation are
 //!   ignored. The revocation itself is served when the consumer is next
 //!   polled, which the subscription does whenever its queue has room for
 //!   another batch.
