@@ -1408,20 +1408,22 @@ mod tests {
         drop(later);
     }
 
+    /// Messages whose ids and ack ids are these texts.
+    fn batch(ids: &[&str]) -> Vec<ReceivedMessage> {
+        ids.iter()
+            .map(|id| {
+                ReceivedMessage::new(
+                    Bytes::new(),
+                    Default::default(),
+                    (*id).to_owned(),
+                    AckId::from_text(*id),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn fetched_batches_hand_out_messages_in_order_with_their_tokens() {
-        let batch = |ids: &[&str]| -> Vec<ReceivedMessage> {
-            ids.iter()
-                .map(|id| {
-                    ReceivedMessage::new(
-                        Bytes::new(),
-                        Default::default(),
-                        (*id).to_owned(),
-                        AckId::from_text(*id),
-                    )
-                })
-                .collect()
-        };
         let mut q = Fetched::default();
         q.push(batch(&["a", "b"]), 10);
         q.push(batch(&[]), 12);
@@ -1440,18 +1442,6 @@ mod tests {
 
     #[test]
     fn retained_messages_keep_their_order_and_tokens() {
-        let batch = |ids: &[&str]| -> Vec<ReceivedMessage> {
-            ids.iter()
-                .map(|id| {
-                    ReceivedMessage::new(
-                        Bytes::new(),
-                        Default::default(),
-                        (*id).to_owned(),
-                        AckId::from_text(*id),
-                    )
-                })
-                .collect()
-        };
         let mut q = Fetched::default();
         q.push(batch(&["a", "b", "c", "d"]), 10);
         q.push(batch(&["e"]), 14);
