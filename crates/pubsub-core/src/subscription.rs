@@ -696,11 +696,9 @@ impl Shared {
     /// the revocation is known.
     #[inline]
     fn check_revocations(&self, st: &mut RecvState) {
-        if let Some(c) = &self.revocations {
-            let now = c.load(Ordering::Acquire);
-            if now != st.revocations_seen {
-                self.drop_revoked(st, now);
-            }
+        let now = self.revocation_count();
+        if now != st.revocations_seen {
+            self.drop_revoked(st, now);
         }
     }
 
@@ -726,6 +724,9 @@ impl Shared {
         self.maybe_fetch(st);
     }
 
+    /// The driver's revocation count; 0, never moving, for drivers that
+    /// take nothing back.
+    #[inline]
     fn revocation_count(&self) -> u64 {
         self.revocations
             .as_ref()

@@ -54,10 +54,10 @@
 //!   `SubscriptionStats::revoked`). With librdkafka's default (eager)
 //!   assignors every rebalance revokes every partition, so the whole
 //!   prefetched queue goes, and a partition assigned again is read again
-//!   from its committed offset. Acks of deliveries from before the revocation are
-//!   ignored. The revocation itself is served when the consumer is next
-//!   polled, which the subscription does whenever its queue has room for
-//!   another batch.
+//!   from its committed offset. Acks of deliveries from before the
+//!   revocation are ignored. The revocation itself is served when the
+//!   consumer is next polled, which the subscription does whenever its
+//!   queue has room for another batch.
 //! - Header values are read as UTF-8, invalid bytes replaced by U+FFFD; a
 //!   message's key becomes its ordering key.
 //! - Secrets in the settings never appear in errors, logs or `Debug`.

@@ -235,14 +235,7 @@ async fn two_consumers_split_the_partitions(k: Kafka) {
     // Both must have joined and hold partitions before anything is sent.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let counts: Vec<usize> = subs
-            .iter()
-            .map(|s| {
-                s.as_raw::<KafkaConsumer>()
-                    .and_then(|c| c.assignment().ok())
-                    .map_or(0, |a| a.count())
-            })
-            .collect();
+        let counts: Vec<usize> = subs.iter().map(|s| assigned(s).len()).collect();
         if counts.iter().all(|&c| c > 0) && counts.iter().sum::<usize>() == 4 {
             break;
         }
