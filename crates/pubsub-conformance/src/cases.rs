@@ -353,14 +353,11 @@ pub async fn driver_double_ack_is_harmless(h: &impl Harness) {
     finish(f).await;
 }
 
-/// Nacks a delivery at the driver level as the core does: at once where the
-/// driver settles nacks at once, otherwise in a batch.
+/// Nacks a delivery at the driver level, handing it back as delivered.
 async fn driver_nack(d: &dyn driver::Subscription, m: &driver::ReceivedMessage, what: &str) {
-    if !d.nack_now(&m.ack_id, driver::Nacked::from_received(m)) {
-        d.send_nacks(std::slice::from_ref(&m.ack_id))
-            .await
-            .expect(what);
-    }
+    d.send_nacks(&[driver::Nacked::from_received(m)])
+        .await
+        .expect(what);
 }
 
 /// Nacking one delivery twice at the driver level is harmless.

@@ -52,8 +52,10 @@
     rust_2018_idioms
 )]
 
-mod batcher;
+// The user API, over the engine, over the driver contract; `mem` is a
+// driver like any other, and the registry knows no driver.
 pub mod driver;
+mod engine;
 mod error;
 pub mod mem;
 mod message;
@@ -64,9 +66,9 @@ mod subscription;
 mod topic;
 
 pub use bytes::Bytes;
-pub use driver::{BatchLimits, Capabilities};
+pub use driver::{Attributes, BatchLimits, Capabilities};
 pub use error::{Error, ErrorKind, Result};
-pub use message::{Attributes, Message};
+pub use message::Message;
 pub use options::{BatchOptions, SubscriptionOptions, TopicOptions};
 pub use registry::{
     open_subscription, open_topic, query_pairs, redact_url, registry, resource_name, Opener,
@@ -78,6 +80,16 @@ pub use topic::Topic;
 
 /// Re-exported so openers can name the parsed URL type.
 pub use url::Url;
+
+impl Registry {
+    /// A registry with the in-memory driver's `mem://` registered, as the
+    /// process-wide [`registry()`] starts.
+    pub fn with_defaults() -> Self {
+        let r = Registry::new();
+        mem::register(&r);
+        r
+    }
+}
 
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}

@@ -1,19 +1,18 @@
 //! The message an application sends and receives.
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::driver::{AckId, AfterSend, BeforeSend, Nacked, OutgoingMessage, ReceivedMessage};
+use crate::driver::{
+    message_size, AckId, AfterSend, Attributes, BeforeSend, Nacked, OutgoingMessage,
+    ReceivedMessage,
+};
+use crate::engine::receiver::Receiver;
 use crate::error::{Error, Result};
-use crate::subscription::Shared;
-
-/// String attributes of a message, ordered by key.
-pub type Attributes = BTreeMap<String, String>;
 
 /// A message: a body, string attributes and an optional ordering key.
 ///
@@ -48,12 +47,13 @@ struct Hooks {
 }
 
 /// What a received message needs to settle itself.
-pub(crate) struct Receipt {
-    pub(crate) details: Details,
-    pub(crate) ack_id: AckId,
-    pub(crate) token: u64,
-    pub(crate) delivery_attempt: Option<u32>,
-    pub(crate) sub: Arc<Shared>,
+struct Receipt {
+    details: Details,
+    ack_id: AckId,
+    /// The key of the lease the core keeps for the delivery.
+    token: u64,
+    delivery_attempt: Option<u32>,
+    sub: Arc<Receiver>,
     /// What the application changed of the message, as delivered: a nack
     /// hands the message as delivered to the driver for redelivery.
     delivered: Option<Box<Delivered>>,
@@ -72,13 +72,13 @@ type Raw = Box<dyn Any + Send + Sync>;
 
 /// A received message's id and raw form: given by the driver, or built by
 /// it on first use.
-pub(crate) enum Details {
+enum Details {
     Given {
         id: String,
         raw: Option<Raw>,
     },
-    /// Built by the subscription's driver from the ack id and these
-    /// numbers, in a box made only when asked.
+    /// Built by the driver's [`crate::driver::Deliveries`] from the ack id
+    /// and these numbers, in a box made only when asked.
     Lazy {
         at: (i64, i64),
         built: OnceLock<Box<Built>>,
@@ -87,19 +87,24 @@ pub(crate) enum Details {
 
 /// What a lazily described message built on demand.
 #[derive(Default)]
-pub(crate) struct Built {
+struct Built {
     id: OnceLock<String>,
     raw: OnceLock<Option<Raw>>,
 }
 
 impl Receipt {
-    pub(crate) fn id(&self) -> &str {
+    fn id(&self) -> &str {
         match &self.details {
             Details::Given { id, .. } => id,
-            Details::Lazy { at, built } => built
-                .get_or_init(Box::default)
-                .id
-                .get_or_init(|| self.sub.driver().describe_id(&self.ack_id, *at)),
+            Details::Lazy { at, built } => {
+                built
+                    .get_or_init(Box::default)
+                    .id
+                    .get_or_init(|| match self.sub.deliveries() {
+                        Some(d) => d.describe_id(&self.ack_id, *at),
+                        None => format!("{:?}", self.ack_id),
+                    })
+            }
         }
     }
 
@@ -111,7 +116,7 @@ impl Receipt {
                 .raw
                 .get_or_init(|| {
                     self.sub
-                        .driver()
+                        .deliveries()?
                         .describe_raw(&self.ack_id, *at, ordering_key)
                 })
                 .as_deref(),
@@ -249,10 +254,20 @@ impl Message {
     /// subscription again. Returns at once; acks are batched, and a failure
     /// shows in later `receive` and `shutdown` calls. Does nothing on a
     /// message that was never received.
+    ///
+    /// `ack` consumes the message, so a message cannot be settled twice:
+    /// ```compile_fail,E0382
+    /// # async fn twice(sub: pubsub_core::Subscription) -> pubsub_core::Result<()> {
+    /// let msg = sub.receive().await?;
+    /// msg.ack();
+    /// msg.ack(); // error[E0382]: use of moved value: `msg`
+    /// # Ok(())
+    /// # }
+    /// ```
     #[inline]
     pub fn ack(mut self) {
         if let Some(r) = &self.receipt {
-            r.sub.settle_ack(&r.ack_id, r.token);
+            r.sub.settler.ack(&r.ack_id, r.token);
         }
         // Dropped in place rather than taken out: the ack path runs once a
         // message, and taking it out would move it once more.
@@ -270,23 +285,39 @@ impl Message {
     /// Nacks a received message, handing its content as delivered to the
     /// subscription.
     fn settle_nack(&mut self, dropped: bool) {
-        let Some(mut r) = self.receipt.take() else {
+        let Some(r) = self.receipt.take() else {
             return;
         };
-        let d = r.delivered.take().map(|d| *d).unwrap_or_default();
-        let nacked = Nacked {
+        let settler = &r.sub.settler;
+        if dropped && settler.note_dropped() {
+            tracing::warn!(
+                id = %r.id(),
+                "a received message was dropped without ack or nack; it is nacked (further drops are counted in stats, not logged)"
+            );
+        }
+        let Receipt {
+            details,
+            ack_id,
+            token,
+            delivery_attempt,
+            sub,
+            delivered,
+        } = *r;
+        let d = delivered.map(|d| *d).unwrap_or_default();
+        sub.settler.nack(Nacked {
+            ack_id,
             body: d.body.unwrap_or_else(|| std::mem::take(&mut self.body)),
             attributes: d
                 .attributes
                 .unwrap_or_else(|| std::mem::take(&mut self.attributes)),
             ordering_key: d.ordering_key.unwrap_or_else(|| self.ordering_key.take()),
-            delivery_attempt: r.delivery_attempt,
-            lazy: match r.details {
+            delivery_attempt,
+            lazy: match details {
                 Details::Lazy { at, .. } => Some(at),
                 Details::Given { .. } => None,
             },
-        };
-        r.sub.clone().settle_nack(*r, nacked, dropped);
+            token,
+        });
     }
 
     // A received message keeps each part as delivered before it is first
@@ -316,7 +347,7 @@ impl Message {
     /// is for work known to take long.
     pub async fn extend_lease(&self, by: Duration) -> Result<()> {
         match &self.receipt {
-            Some(r) => r.sub.extend_one(r, by).await,
+            Some(r) => r.sub.extend(&r.ack_id, r.token, by).await,
             None => Err(Error::failed_precondition(
                 "only a received message has a lease",
             )),
@@ -350,7 +381,7 @@ impl Message {
     }
 
     #[inline]
-    pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Shared>) -> Self {
+    pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Receiver>) -> Self {
         Message {
             body: m.body,
             attributes: m.attributes,
@@ -385,7 +416,7 @@ impl Message {
     }
 
     pub(crate) fn size(&self) -> usize {
-        crate::driver::message_size(&self.body, &self.attributes, self.ordering_key.as_deref())
+        message_size(&self.body, &self.attributes, self.ordering_key.as_deref())
     }
 }
 

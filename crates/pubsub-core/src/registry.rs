@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::{Subscription, Topic};
+use crate::subscription::Subscription;
+use crate::topic::Topic;
 
 /// Opens topics and subscriptions for the URL schemes it is registered for.
 #[async_trait]
@@ -44,13 +45,6 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A registry with the in-memory driver's `mem://` registered.
-    pub fn with_defaults() -> Self {
-        let r = Self::new();
-        r.register(crate::mem::SCHEME, crate::mem::MemOpener);
-        r
     }
 
     /// Registers (or replaces) the opener for `scheme`.

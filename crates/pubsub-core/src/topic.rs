@@ -5,11 +5,11 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tracing::Instrument;
 
-use crate::batcher::{BatchHandler, Batcher};
-use crate::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use crate::driver::{self, Capabilities, OutgoingMessage};
+use crate::engine::batcher::Batcher;
+use crate::engine::send::SendHandler;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::options::TopicOptions;
@@ -29,41 +29,6 @@ struct Inner {
     caps: Capabilities,
     batcher: Batcher<OutgoingMessage>,
     shut_down: AtomicBool,
-}
-
-struct SendHandler {
-    driver: Arc<dyn driver::Topic>,
-}
-
-#[async_trait]
-impl BatchHandler<OutgoingMessage> for SendHandler {
-    async fn handle(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
-        let d = &*self.driver;
-        let span = tracing::debug_span!(
-            "send_batch",
-            driver = d.driver_name(),
-            resource = d.resource(),
-            messages = batch.len()
-        );
-        d.send_batch(batch)
-            .instrument(span)
-            .await
-            .map_err(|e| with_context(e, d.driver_name(), d.resource(), "send"))
-    }
-}
-
-pub(crate) fn with_context(e: BatchError, driver: &str, resource: &str, op: &str) -> BatchError {
-    let add = |e: Error| {
-        e.with_context_default("driver", driver)
-            .with_context_default("resource", resource)
-            .with_context_default("operation", op)
-    };
-    match e {
-        BatchError::All(e) => BatchError::All(add(e)),
-        BatchError::Items(v) => {
-            BatchError::Items(v.into_iter().map(|(i, e)| (i, add(e))).collect())
-        }
-    }
 }
 
 impl Topic {
@@ -180,11 +145,6 @@ impl Topic {
     /// Each driver documents the type it exposes.
     pub fn as_raw<T: Any>(&self) -> Option<&T> {
         self.inner.driver.raw()?.downcast_ref::<T>()
-    }
-
-    /// The driver under this topic.
-    pub fn driver(&self) -> &dyn driver::Topic {
-        &*self.inner.driver
     }
 }
 

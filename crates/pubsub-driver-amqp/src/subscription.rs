@@ -11,7 +11,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, ReceivedMessage};
+use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage};
 use pubsub_core::{Error, Result};
 use tokio::sync::Mutex;
 
@@ -130,22 +130,23 @@ impl fmt::Debug for AmqpSubscription {
     }
 }
 
-fn ackers(ids: &[AckId]) -> impl Iterator<Item = (usize, Option<&Acker>)> {
-    ids.iter()
-        .enumerate()
+fn ackers<'a>(
+    ids: impl Iterator<Item = &'a AckId>,
+) -> impl Iterator<Item = (usize, Option<&'a Acker>)> {
+    ids.enumerate()
         .map(|(i, id)| (i, id.downcast_ref::<Acker>()))
 }
 
 /// Runs one ack-like call per delivery concurrently and collects failures.
 /// An acker whose channel is gone reports success without sending: the
 /// broker already requeued that delivery.
-async fn settle<'a, F, Fut>(ids: &'a [AckId], f: F) -> Result<(), BatchError>
+async fn settle<'a, F, Fut>(ids: impl Iterator<Item = &'a AckId>, f: F) -> Result<(), BatchError>
 where
     F: Fn(&'a Acker) -> Fut,
     Fut: std::future::Future<Output = lapin::Result<bool>> + 'a,
 {
     let mut failed = Vec::new();
-    let mut calls = Vec::with_capacity(ids.len());
+    let mut calls = Vec::with_capacity(ids.size_hint().0);
     for (i, acker) in ackers(ids) {
         match acker {
             Some(a) => calls.push(f(a).map(move |r| (i, r))),
@@ -221,11 +222,11 @@ impl driver::Subscription for AmqpSubscription {
     }
 
     async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        settle(ids, |a| a.ack(BasicAckOptions::default())).await
+        settle(ids.iter(), |a| a.ack(BasicAckOptions::default())).await
     }
 
-    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        settle(ids, |a| {
+    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+        settle(nacks.iter().map(|n| &n.ack_id), |a| {
             a.nack(BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()

@@ -110,9 +110,6 @@ pub(crate) const DRIVER: &str = "kafka";
 /// Kafka's default largest record (`message.max.bytes`).
 pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
 
-/// How long nacks wait for company before they are queued for redelivery.
-const NACK_LINGER: Duration = Duration::from_millis(5);
-
 pub(crate) fn capabilities() -> Capabilities {
     let mut c = Capabilities::default();
     c.nack = true;
@@ -122,10 +119,10 @@ pub(crate) fn capabilities() -> Capabilities {
     // A delivery report takes a broker round trip: keep many batches in
     // flight so a crowd of senders is not serialised behind one.
     c.send_batching = BatchLimits::new(1000, 128);
-    // Acks are settled at once (`ack_now`), so these limits serve nacks:
-    // one call at a time, and as a nack only queues a local redelivery,
-    // nacks may wait a few milliseconds for company.
-    c.ack_batching = BatchLimits::new(10_000, 1).with_linger(NACK_LINGER);
+    // An ack only moves the acked prefix that the consumer commits on its
+    // own schedule, and a nack only queues a local redelivery: both are
+    // settled on the settling thread, without the core's batching.
+    c.local_settlement = true;
     // Polling takes what librdkafka has already fetched, without waiting,
     // so a large batch costs no latency; it spreads the hand-over between
     // the fetch task and receivers over more messages (a backlog read about

@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage};
+use pubsub_core::driver::{
+    self, AckId, BatchError, Capabilities, Deliveries, Nacked, ReceivedMessage,
+};
 use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -369,6 +371,7 @@ pub struct KafkaSubscription {
     topic_names: Vec<Arc<str>>,
     tracker: Arc<Mutex<Tracker>>,
     revocations: Arc<AtomicU64>,
+    deliveries: Arc<KafkaDeliveries>,
     wake: Arc<Notify>,
     store: Arc<StoreSignal>,
     subscribed: AtomicBool,
@@ -407,13 +410,20 @@ impl KafkaSubscription {
         }
         cc.set("group.id", group);
         let consumer: KafkaConsumer = cc.create_with_context(ctx).map_err(error::map)?;
+        let topic_names: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(*t)).collect();
+        let deliveries = Arc::new(KafkaDeliveries {
+            tracker: tracker.clone(),
+            revocations: revocations.clone(),
+            topic_names: topic_names.clone(),
+        });
         Ok(KafkaSubscription {
             consumer: Arc::new(consumer),
             group: group.to_owned(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            topic_names: topics.iter().map(|t| Arc::from(*t)).collect(),
+            topic_names,
             tracker,
             revocations,
+            deliveries,
             wake,
             store: Arc::default(),
             subscribed: AtomicBool::new(false),
@@ -568,15 +578,6 @@ impl KafkaSubscription {
         store(&*self.consumer, &tpl);
         tpl
     }
-
-    /// The topic, partition, offset and timestamp of a delivery this
-    /// driver made.
-    fn delivery(&self, ack_id: &AckId, at: (i64, i64)) -> Option<(&str, i32, i64, Timestamp)> {
-        let (_, offset) = ack_id.as_u64_pair()?;
-        let (timestamp, topic, partition) = described(at);
-        let topic = self.topic_names.get(topic)?;
-        Some((topic, partition, offset as i64, timestamp))
-    }
 }
 
 /// Stores these commit positions (a local call: the next auto-commit sends
@@ -689,7 +690,7 @@ impl Bodies {
 const UNTRACKED: u64 = 0;
 
 /// The message handed out: its id and raw record are built by
-/// [`KafkaSubscription`]'s `describe_id` and `describe_raw` if asked, from
+/// [`KafkaDeliveries`] if asked, from
 /// the ack id (epoch, offset) and [`describe_at`]'s numbers.
 fn to_received(
     epoch: u64,
@@ -791,81 +792,60 @@ impl driver::Subscription for KafkaSubscription {
     }
 
     async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        let mut t = lock(&self.tracker);
-        let mut touched = Vec::new();
-        for (epoch, offset) in acks(ids) {
-            if let Some(i) = t.ack(epoch, offset) {
-                if touched.last() != Some(&i) {
-                    touched.push(i);
-                }
-            }
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        let tpl = t.positions(touched.into_iter());
-        // Under the lock, like every store, so stores land in order.
-        store(&*self.consumer, &tpl);
-        Ok(())
-    }
-
-    fn ack_now(&self, id: &AckId) -> bool {
         // An ack only moves the acked prefix that the next auto-commit
-        // sends, so it is settled here; `store_acked` stores the offsets a
-        // moment later, for all acks of that moment.
-        let Some((epoch, offset)) = id.as_u64_pair() else {
-            return true;
-        };
+        // sends, so it is settled on the acking thread (local settlement);
+        // `store_acked` stores the offsets a moment later, for all acks of
+        // that moment.
         let mut t = lock(&self.tracker);
-        if t.ack(epoch, offset as i64).is_some() && !t.store_due {
+        let mut moved = false;
+        for (epoch, offset) in acks(ids) {
+            moved |= t.ack(epoch, offset).is_some();
+        }
+        if moved && !t.store_due {
             t.store_due = true;
             drop(t);
             self.store.wake.notify_one();
         }
-        true
+        Ok(())
     }
 
-    fn nack_now(&self, id: &AckId, message: Nacked) -> bool {
+    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
         // Kafka cannot hand a delivery back: the message is handed out
         // again from its content, and its offset stays uncommitted (so a
         // restart or the partition's next owner reads it again) until it
         // is acked.
-        let Some((epoch, offset)) = id.as_u64_pair() else {
-            return true;
-        };
-        let offset = offset as i64;
-        let (timestamp, _, _) = described(message.lazy.unwrap_or_default());
+        let mut queued = false;
         {
             let mut t = lock(&self.tracker);
-            // Nothing to redeliver for an acked delivery, nor for one of a
-            // partition since revoked: its new owner reads it.
-            if !t.find(epoch, offset).is_some_and(|p| !p.acked) {
-                return true;
+            for n in nacks {
+                let Some((epoch, offset)) = n.ack_id.as_u64_pair() else {
+                    continue;
+                };
+                let offset = offset as i64;
+                // Nothing to redeliver for an acked delivery, nor for one of
+                // a partition since revoked: its new owner reads it.
+                if !t.find(epoch, offset).is_some_and(|p| !p.acked) {
+                    continue;
+                }
+                let (timestamp, _, _) = described(n.lazy.unwrap_or_default());
+                t.redeliver.push_back(Redelivery {
+                    epoch,
+                    offset,
+                    copy: Content {
+                        body: n.body.clone(),
+                        attributes: n.attributes.clone(),
+                        key: n.ordering_key.clone(),
+                        timestamp,
+                    },
+                    attempt: n.delivery_attempt.unwrap_or(1).saturating_add(1),
+                });
+                queued = true;
             }
-            t.redeliver.push_back(Redelivery {
-                epoch,
-                offset,
-                copy: Content {
-                    body: message.body,
-                    attributes: message.attributes,
-                    key: message.ordering_key,
-                    timestamp,
-                },
-                attempt: message.delivery_attempt.unwrap_or(1).saturating_add(1),
-            });
         }
-        self.wake.notify_waiters();
-        true
-    }
-
-    async fn send_nacks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        // The core settles every nack with `nack_now` while the
-        // subscription is open, handing the message's content over; an id
-        // alone cannot be redelivered without rewinding the consumer.
-        let _ = ids;
-        Err(Error::failed_precondition(
-            "a Kafka subscription redelivers a nacked message from its content; nack it with pubsub_core::Message::nack",
-        )
-        .into())
+        if queued {
+            self.wake.notify_waiters();
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
@@ -914,20 +894,31 @@ impl driver::Subscription for KafkaSubscription {
         Some(&*self.consumer)
     }
 
-    fn revocations(&self) -> Option<Arc<AtomicU64>> {
-        Some(self.revocations.clone())
+    fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {
+        Some(self.deliveries.clone())
     }
+}
 
-    fn is_current(&self, ack_id: &AckId) -> bool {
-        // Revocation forgets a partition's assignment, whose epoch the ids
-        // of its deliveries carry; a later assignment of the same partition
-        // reads its unacked messages again under a new epoch.
-        match ack_id.as_u64_pair() {
-            Some((epoch, _)) => lock(&self.tracker).by_epoch(epoch).is_some(),
-            None => true,
-        }
+/// What the core asks about a subscription's deliveries: their ids and
+/// records, built only if asked, and whether their partition is still
+/// assigned to this consumer.
+struct KafkaDeliveries {
+    tracker: Arc<Mutex<Tracker>>,
+    revocations: Arc<AtomicU64>,
+    topic_names: Vec<Arc<str>>,
+}
+
+impl KafkaDeliveries {
+    /// The topic, partition, offset and timestamp of a delivery.
+    fn delivery(&self, ack_id: &AckId, at: (i64, i64)) -> Option<(&str, i32, i64, Timestamp)> {
+        let (_, offset) = ack_id.as_u64_pair()?;
+        let (timestamp, topic, partition) = described(at);
+        let topic = self.topic_names.get(topic)?;
+        Some((topic, partition, offset as i64, timestamp))
     }
+}
 
+impl Deliveries for KafkaDeliveries {
     fn describe_id(&self, ack_id: &AckId, at: (i64, i64)) -> String {
         match self.delivery(ack_id, at) {
             Some((topic, partition, offset, _)) => delivery_id(topic, partition, offset),
@@ -953,6 +944,20 @@ impl driver::Subscription for KafkaSubscription {
             offset,
             None,
         )))
+    }
+
+    fn taken_back(&self) -> u64 {
+        self.revocations.load(Ordering::Acquire)
+    }
+
+    fn is_current(&self, ack_id: &AckId) -> bool {
+        // Revocation forgets a partition's assignment, whose epoch the ids
+        // of its deliveries carry; a later assignment of the same partition
+        // reads its unacked messages again under a new epoch.
+        match ack_id.as_u64_pair() {
+            Some((epoch, _)) => lock(&self.tracker).by_epoch(epoch).is_some(),
+            None => true,
+        }
     }
 }
 

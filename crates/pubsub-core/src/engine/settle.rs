@@ -1,0 +1,344 @@
+//! Acks, nacks and lease extensions: settled at once where the driver's
+//! bookkeeping is local, otherwise batched, and the first permanent failure
+//! kept to fail the subscription.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use super::batcher::{BatchHandler, Batcher};
+use super::leases::{Leases, Settle};
+use super::{lock, with_context};
+use crate::driver::{self, AckId, BatchError, BatchLimits, Capabilities, Nacked};
+use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+
+/// The first permanent ack or nack failure, which fails the subscription.
+pub(crate) struct FailureSlot {
+    error: Mutex<Option<Error>>,
+    set: AtomicBool,
+    /// Receivers, woken to report the failure.
+    wake: Arc<Notify>,
+}
+
+impl FailureSlot {
+    pub(crate) fn new(wake: Arc<Notify>) -> Self {
+        FailureSlot {
+            error: Mutex::new(None),
+            set: AtomicBool::new(false),
+            wake,
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<Error> {
+        if self.set.load(Ordering::Acquire) {
+            lock(&self.error).clone()
+        } else {
+            None
+        }
+    }
+
+    fn fail(&self, error: Error) {
+        tracing::error!(%error, "acknowledgement failed; the subscription is now failed");
+        let mut slot = lock(&self.error);
+        if slot.is_none() {
+            *slot = Some(error);
+            self.set.store(true, Ordering::Release);
+        }
+        drop(slot);
+        self.wake.notify_waiters();
+    }
+}
+
+/// Settles received messages with the driver.
+pub(crate) struct Settler {
+    driver: Arc<dyn driver::Subscription>,
+    /// [`Capabilities::local_settlement`]: settle on the calling thread.
+    local: bool,
+    can_nack: bool,
+    leases: Arc<Leases>,
+    failure: Arc<FailureSlot>,
+    acks: Batcher<Settle>,
+    nacks: Batcher<Nacked>,
+    retry: RetryPolicy,
+    /// Set when shutdown begins: the driver is about to close, so late
+    /// settlements go to the batchers, which refuse them.
+    closed: AtomicBool,
+    pub(crate) acked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl Settler {
+    /// Must be called within a Tokio runtime.
+    pub(crate) fn new(
+        driver: Arc<dyn driver::Subscription>,
+        caps: &Capabilities,
+        limits: BatchLimits,
+        retry: RetryPolicy,
+        leases: Arc<Leases>,
+        failure: Arc<FailureSlot>,
+    ) -> Self {
+        let common = Common {
+            driver: driver.clone(),
+            leases: leases.clone(),
+            failure: failure.clone(),
+        };
+        Settler {
+            acks: Batcher::new(
+                limits,
+                retry,
+                Arc::new(AckHandler {
+                    common: common.clone(),
+                    extend: None,
+                }),
+            ),
+            nacks: Batcher::new(limits, retry, Arc::new(NackHandler(common))),
+            driver,
+            local: caps.local_settlement,
+            can_nack: caps.nack,
+            leases,
+            failure,
+            retry,
+            closed: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            nacked: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The batcher that extends leases `by` a deadline, for the lease keeper.
+    pub(crate) fn extender(&self, limits: BatchLimits, by: Duration) -> Batcher<Settle> {
+        let handler = AckHandler {
+            common: Common {
+                driver: self.driver.clone(),
+                leases: self.leases.clone(),
+                failure: self.failure.clone(),
+            },
+            extend: Some(by),
+        };
+        Batcher::new(limits, self.retry, Arc::new(handler))
+    }
+
+    /// Whether a settlement can go to the driver on the calling thread.
+    #[inline]
+    fn at_once(&self) -> bool {
+        self.local && !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Acks one delivery. Returns at once.
+    #[inline]
+    pub(crate) fn ack(&self, id: &AckId, token: u64) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        if self.at_once()
+            && self.settled(
+                self.driver.send_acks(std::slice::from_ref(id)),
+                token,
+                "ack",
+            )
+        {
+            return;
+        }
+        let item = Settle {
+            id: id.clone(),
+            token,
+        };
+        if self.acks.add_detached(item, 0).is_err() {
+            tracing::debug!("ack after shutdown ignored; the backend will redeliver");
+        }
+    }
+
+    /// Counts a message dropped unsettled; true for the first one.
+    pub(crate) fn note_dropped(&self) -> bool {
+        self.dropped.fetch_add(1, Ordering::Relaxed) == 0
+    }
+
+    /// Nacks one delivery, handed over as delivered. Returns at once.
+    pub(crate) fn nack(&self, nacked: Nacked) {
+        self.nacked.fetch_add(1, Ordering::Relaxed);
+        if !self.can_nack {
+            // Left to the ack deadline; stop keeping its lease alive.
+            self.leases.release(std::iter::once(nacked.token));
+            return;
+        }
+        if self.at_once() {
+            let token = nacked.token;
+            if self.settled(
+                self.driver.send_nacks(std::slice::from_ref(&nacked)),
+                token,
+                "nack",
+            ) {
+                return;
+            }
+        }
+        if self.nacks.add_detached(nacked, 0).is_err() {
+            tracing::debug!("nack after shutdown ignored; the backend will redeliver");
+        }
+    }
+
+    /// Polls a settlement made on the calling thread once. True if it is
+    /// done with (settled, or failed for good); false if it must be batched
+    /// (still pending, or failed for now).
+    fn settled<'a>(
+        &self,
+        call: futures_util::future::BoxFuture<'a, Result<(), BatchError>>,
+        token: u64,
+        op: &str,
+    ) -> bool {
+        let error = match call.now_or_never() {
+            None => return false,
+            Some(Ok(())) => None,
+            Some(Err(BatchError::All(e))) => Some(e),
+            Some(Err(BatchError::Items(mut v))) => v.pop().map(|(_, e)| e),
+        };
+        match error {
+            Some(e) if e.is_temporary() => return false,
+            Some(e) => {
+                let d = &*self.driver;
+                let e = e
+                    .with_context_default("driver", d.driver_name())
+                    .with_context_default("resource", d.resource())
+                    .with_context_default("operation", op);
+                self.failure.fail(e);
+            }
+            None => {}
+        }
+        self.leases.release(std::iter::once(token));
+        true
+    }
+
+    /// Nacks messages fetched and never handed out, at shutdown, while the
+    /// driver is still open.
+    pub(crate) fn nack_unreceived(&self, unreceived: Vec<Nacked>) {
+        if !self.can_nack || unreceived.is_empty() {
+            return;
+        }
+        if self.local {
+            let tokens: Vec<u64> = unreceived.iter().map(|n| n.token).collect();
+            let done = self.driver.send_nacks(&unreceived).now_or_never();
+            if matches!(done, Some(Ok(()))) {
+                self.leases.release(tokens.into_iter());
+                return;
+            }
+        }
+        // Cannot fail: the nack batcher closes only in `close`.
+        let _ = self.nacks.add_detached_many(unreceived);
+    }
+
+    /// Sends what is batched and refuses later settlements.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.acks.shutdown().await;
+        self.nacks.shutdown().await;
+    }
+
+    /// Extends one lease at once, retrying temporary failures a few times.
+    pub(crate) async fn extend(&self, id: &AckId, token: u64, by: Duration) -> Result<()> {
+        let ids = std::slice::from_ref(id);
+        let mut attempt = 0;
+        loop {
+            let e = match self.driver.extend_leases(ids, by).await {
+                Ok(()) => break,
+                Err(BatchError::All(e)) => e,
+                Err(BatchError::Items(mut v)) => v
+                    .pop()
+                    .map(|(_, e)| e)
+                    .unwrap_or_else(|| Error::internal("empty failure")),
+            };
+            if e.is_temporary() && attempt < 5 {
+                tokio::time::sleep(self.retry.backoff(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            return Err(e);
+        }
+        self.leases.extended(token, by);
+        Ok(())
+    }
+}
+
+/// What every settle handler needs.
+#[derive(Clone)]
+struct Common {
+    driver: Arc<dyn driver::Subscription>,
+    leases: Arc<Leases>,
+    failure: Arc<FailureSlot>,
+}
+
+/// Sends batches of acks, or of lease extensions by a duration.
+struct AckHandler {
+    common: Common,
+    extend: Option<Duration>,
+}
+
+#[async_trait]
+impl BatchHandler<Settle> for AckHandler {
+    async fn handle(&self, batch: &[Settle]) -> Result<(), BatchError> {
+        let d = &*self.common.driver;
+        let ids: Vec<AckId> = batch.iter().map(|s| s.id.clone()).collect();
+        let (name, res) = match self.extend {
+            None => {
+                self.common.leases.release(batch.iter().map(|s| s.token));
+                let span = tracing::debug_span!(
+                    "send_acks",
+                    driver = d.driver_name(),
+                    resource = d.resource(),
+                    acks = ids.len()
+                );
+                ("ack", d.send_acks(&ids).instrument(span).await)
+            }
+            Some(by) => {
+                let span = tracing::debug_span!(
+                    "extend_leases",
+                    driver = d.driver_name(),
+                    resource = d.resource(),
+                    leases = ids.len()
+                );
+                (
+                    "extend lease",
+                    d.extend_leases(&ids, by).instrument(span).await,
+                )
+            }
+        };
+        res.map_err(|e| with_context(e, d.driver_name(), d.resource(), name))
+    }
+
+    fn unreported_failure(&self, error: Error) {
+        if self.extend.is_some() {
+            // The backend will redeliver; that is the only consequence.
+            tracing::warn!(%error, "lease extension failed");
+        } else {
+            self.common.failure.fail(error);
+        }
+    }
+}
+
+/// Sends batches of nacks.
+struct NackHandler(Common);
+
+#[async_trait]
+impl BatchHandler<Nacked> for NackHandler {
+    async fn handle(&self, batch: &[Nacked]) -> Result<(), BatchError> {
+        let d = &*self.0.driver;
+        self.0.leases.release(batch.iter().map(|n| n.token));
+        let span = tracing::debug_span!(
+            "send_nacks",
+            driver = d.driver_name(),
+            resource = d.resource(),
+            nacks = batch.len()
+        );
+        d.send_nacks(batch)
+            .instrument(span)
+            .await
+            .map_err(|e| with_context(e, d.driver_name(), d.resource(), "nack"))
+    }
+
+    fn unreported_failure(&self, error: Error) {
+        self.0.failure.fail(error);
+    }
+}

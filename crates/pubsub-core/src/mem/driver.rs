@@ -1,0 +1,328 @@
+//! The in-memory topic and subscription drivers.
+
+use std::any::Any;
+use std::cmp::Reverse;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    lock, Broker, Delivery, Outstanding, Record, Stored, SubQueue, SubState, TopicState,
+    DEFAULT_ACK_DEADLINE, DRIVER, POLL,
+};
+use crate::driver::{
+    self, AckId, BatchError, Capabilities, Deliveries, Nacked, OutgoingMessage, ReceivedMessage,
+};
+use crate::error::{Error, Result};
+
+/// The in-memory topic driver.
+pub struct TopicDriver {
+    broker: Broker,
+    name: String,
+    resolved: Mutex<Option<Arc<TopicState>>>,
+}
+
+impl TopicDriver {
+    pub(super) fn new(broker: Broker, name: &str) -> Self {
+        TopicDriver {
+            broker,
+            name: name.to_owned(),
+            resolved: Mutex::new(None),
+        }
+    }
+}
+
+impl TopicDriver {
+    /// The topic's state, looked up again once the cached one was deleted,
+    /// so a handle works again when the topic is re-created.
+    fn state(&self) -> Result<Arc<TopicState>> {
+        let mut cached = lock(&self.resolved);
+        if let Some(t) = cached.as_ref() {
+            if !t.deleted.load(Ordering::Acquire) {
+                return Ok(t.clone());
+            }
+        }
+        let found = lock(&self.broker.inner.topics).get(&self.name).cloned();
+        let t = found.ok_or_else(|| self.missing())?;
+        *cached = Some(t.clone());
+        Ok(t)
+    }
+
+    fn missing(&self) -> Error {
+        Error::not_found(format!("topic {:?} does not exist", self.name))
+    }
+}
+
+impl fmt::Debug for TopicDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("mem::TopicDriver")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl driver::Topic for TopicDriver {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        let t = self.state()?;
+        let first = t.next_seq.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut stored = Vec::with_capacity(batch.len());
+        let mut failed = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            let mut record = Record {
+                body: m.body.clone(),
+                attributes: m.attributes.clone(),
+                ordering_key: m.ordering_key.clone(),
+            };
+            match m.run_before_send(&mut record) {
+                Ok(()) => stored.push(Arc::new(Stored {
+                    seq: first + i as u64,
+                    record,
+                })),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let subs = t.subs.read().unwrap_or_else(|p| p.into_inner());
+        for s in subs.iter() {
+            let mut q = lock(&s.q);
+            q.ready.extend(stored.iter().map(|m| (m.clone(), 0)));
+            drop(q);
+            s.notify.notify_waiters();
+        }
+        drop(subs);
+        for m in &stored {
+            let i = (m.seq - first) as usize;
+            if batch[i].has_after_send() {
+                if let Err(e) = batch[i].run_after_send(&m.seq) {
+                    failed.push((i, e));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(BatchError::Items(failed))
+        }
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.broker)
+    }
+}
+
+/// The in-memory subscription driver.
+pub struct SubscriptionDriver {
+    broker: Broker,
+    name: String,
+    resolved: Mutex<Option<Arc<SubState>>>,
+}
+
+impl SubscriptionDriver {
+    pub(super) fn new(broker: Broker, name: &str) -> Self {
+        SubscriptionDriver {
+            broker,
+            name: name.to_owned(),
+            resolved: Mutex::new(None),
+        }
+    }
+}
+
+impl SubscriptionDriver {
+    /// The subscription's state, looked up again once the cached one was
+    /// deleted.
+    fn state(&self) -> Result<Arc<SubState>> {
+        let mut cached = lock(&self.resolved);
+        if let Some(s) = cached.as_ref() {
+            if !s.deleted.load(Ordering::Acquire) {
+                return Ok(s.clone());
+            }
+        }
+        let s = self.broker.sub_state(&self.name)?;
+        *cached = Some(s.clone());
+        Ok(s)
+    }
+
+    fn ack_deadline(&self) -> Duration {
+        self.state()
+            .map_or(DEFAULT_ACK_DEADLINE, |s| s.ack_deadline)
+    }
+
+    fn settle<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a AckId>,
+        mut f: impl FnMut(&mut SubQueue, u64),
+    ) -> Result<(), BatchError> {
+        let s = self.state()?;
+        let mut q = lock(&s.q);
+        for id in ids {
+            // Ids of other drivers cannot occur; unknown tags (already acked
+            // or redelivered) are ignored, as a real broker does.
+            if let Some(tag) = id.as_u64() {
+                f(&mut q, tag);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SubscriptionDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("mem::SubscriptionDriver")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl driver::Subscription for SubscriptionDriver {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = self.broker.capabilities();
+        c.ack_deadline = Some(self.ack_deadline());
+        c
+    }
+
+    async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        let s = self.state()?;
+        let started = Instant::now();
+        loop {
+            let notified = s.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait = {
+                if s.deleted.load(Ordering::Acquire) {
+                    return Err(Error::not_found(format!(
+                        "subscription {:?} does not exist",
+                        self.name
+                    )));
+                }
+                let now = Instant::now();
+                let mut q = lock(&s.q);
+                q.reap(now);
+                if !q.ready.is_empty() {
+                    let n = max.min(q.ready.len());
+                    let deadline = now + s.ack_deadline;
+                    let mut out = Vec::with_capacity(n);
+                    for (msg, attempts) in q.ready.drain(..n).collect::<Vec<_>>() {
+                        let tag = q.next_tag;
+                        q.next_tag += 1;
+                        let attempt = attempts + 1;
+                        q.deadlines.push(Reverse((deadline, tag)));
+                        let r = &msg.record;
+                        // The id and raw form are built by `MemDeliveries`
+                        // when asked: most messages are never asked about.
+                        let mut m = ReceivedMessage::describe_lazily(
+                            r.body.clone(),
+                            r.attributes.clone(),
+                            AckId::from_u64(tag),
+                            (msg.seq as i64, i64::from(attempt)),
+                        );
+                        m.ordering_key = r.ordering_key.clone();
+                        m.delivery_attempt = Some(attempt);
+                        out.push(m);
+                        q.outstanding.insert(
+                            tag,
+                            Outstanding {
+                                msg,
+                                attempts: attempt,
+                                deadline,
+                            },
+                        );
+                    }
+                    return Ok(out);
+                }
+                let waited = now.saturating_duration_since(started);
+                if waited >= POLL {
+                    return Ok(Vec::new());
+                }
+                let poll_left = POLL - waited;
+                q.next_deadline().map_or(poll_left, |d| {
+                    d.saturating_duration_since(now).min(poll_left)
+                })
+            };
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        self.settle(ids.iter(), |q, tag| {
+            q.outstanding.remove(&tag);
+        })
+    }
+
+    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+        let r = self.settle(nacks.iter().map(|n| &n.ack_id), |q, tag| {
+            if let Some(o) = q.outstanding.remove(&tag) {
+                q.ready.push_front((o.msg, o.attempts));
+            }
+        });
+        if let Ok(s) = self.state() {
+            s.notify.notify_waiters();
+        }
+        r
+    }
+
+    async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {
+        let deadline = Instant::now() + by;
+        self.settle(ids.iter(), |q, tag| {
+            if let Some(o) = q.outstanding.get_mut(&tag) {
+                o.deadline = deadline;
+                q.deadlines.push(Reverse((deadline, tag)));
+            }
+        })
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.broker)
+    }
+
+    fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {
+        Some(Arc::new(MemDeliveries))
+    }
+}
+
+/// Builds an in-memory message's id (its sequence number) and [`Delivery`]
+/// from the ack id (the tag) and the numbers it was received with (the
+/// sequence number and the attempt).
+struct MemDeliveries;
+
+impl Deliveries for MemDeliveries {
+    fn describe_id(&self, _ack_id: &AckId, at: (i64, i64)) -> String {
+        at.0.to_string()
+    }
+
+    fn describe_raw(
+        &self,
+        ack_id: &AckId,
+        at: (i64, i64),
+        _ordering_key: Option<&str>,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        Some(Box::new(Delivery {
+            sequence: at.0 as u64,
+            tag: ack_id.as_u64()?,
+            attempt: at.1 as u32,
+        }))
+    }
+}
