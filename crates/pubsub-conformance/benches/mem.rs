@@ -1,7 +1,9 @@
 //! End-to-end benchmark of the in-memory driver against a plain
 //! `tokio::sync::mpsc` pipeline of the same shape.
 //!
-//! `cargo bench -p pubsub-conformance --bench mem [-- backlog|latency|matrix]`
+//! `cargo bench -p pubsub-conformance --bench mem [-- backlog|latency|matrix]`;
+//! `-- row TOPICS SENDERS RECEIVERS` runs one row of the matrix (for a
+//! profiler).
 
 use std::time::{Duration, Instant};
 
@@ -146,6 +148,15 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if what.first().is_some_and(|w| w == "row") {
+        let n: Vec<usize> = what[1..].iter().filter_map(|a| a.parse().ok()).collect();
+        let [topics, senders, receivers] = n[..] else {
+            panic!("usage: mem row TOPICS SENDERS RECEIVERS");
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(one(topics, senders, receivers, 2_000_000));
+        return;
+    }
     let all = what.is_empty();
     let want = |w: &str| all || what.iter().any(|a| a == w);
     let rt = tokio::runtime::Builder::new_multi_thread()

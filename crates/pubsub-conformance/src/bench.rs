@@ -131,14 +131,20 @@ pub async fn end_to_end_with_progress(
     let total = per_topic * pairs.len() as u64;
     let samples = Arc::new(Samples::new(total));
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut senders_set = tokio::task::JoinSet::new();
+    let mut receivers_set = tokio::task::JoinSet::new();
+    // Set once every topic's messages arrived. Receivers that still wait
+    // in `receive` are then aborted (it is cancel-safe), so no timer is
+    // armed around each receive.
+    let done = Arc::new(tokio::sync::Notify::new());
+    let topics_left = Arc::new(AtomicU64::new(pairs.len() as u64));
     for (topic, sub) in pairs {
         let received = Arc::new(AtomicU64::new(0));
         let senders = senders.max(1) as u64;
         for s in 0..senders {
             let t = topic.clone();
             let n = per_topic / senders + u64::from(s < per_topic % senders);
-            tasks.spawn(async move {
+            senders_set.spawn(async move {
                 for _ in 0..n {
                     t.send(Message::new(stamped_body(size)))
                         .await
@@ -151,23 +157,35 @@ pub async fn end_to_end_with_progress(
             let samples = samples.clone();
             let received = received.clone();
             let progress = progress.clone();
-            tasks.spawn(async move {
-                while received.load(Ordering::Acquire) < per_topic {
-                    let r = tokio::time::timeout(Duration::from_millis(200), sub.receive()).await;
-                    let Ok(r) = r else { continue };
-                    let m = r.expect("receive");
+            let done = done.clone();
+            let topics_left = topics_left.clone();
+            receivers_set.spawn(async move {
+                loop {
+                    let m = sub.receive().await.expect("receive");
                     samples.record(m.body());
-                    received.fetch_add(1, Ordering::AcqRel);
                     progress.fetch_add(1, Ordering::Relaxed);
                     m.ack();
+                    if received.fetch_add(1, Ordering::AcqRel) + 1 == per_topic {
+                        if topics_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            done.notify_one();
+                        }
+                        return;
+                    }
                 }
             });
         }
     }
-    while let Some(r) = tasks.join_next().await {
-        r.expect("benchmark task");
+    while let Some(r) = senders_set.join_next().await {
+        r.expect("benchmark sender");
     }
+    done.notified().await;
     let elapsed = started.elapsed();
+    receivers_set.abort_all();
+    while let Some(r) = receivers_set.join_next().await {
+        if let Err(e) = r {
+            assert!(e.is_cancelled(), "benchmark receiver failed: {e}");
+        }
+    }
     Report {
         messages: total,
         elapsed,
