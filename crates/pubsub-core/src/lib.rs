@@ -63,6 +63,7 @@ mod options;
 mod registry;
 mod retry;
 mod subscription;
+mod token_map;
 mod topic;
 
 pub use bytes::Bytes;

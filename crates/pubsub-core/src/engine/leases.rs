@@ -1,6 +1,5 @@
 //! The leases of held messages, and the task that keeps them alive.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,6 +8,7 @@ use tokio::sync::watch;
 use super::batcher::Batcher;
 use super::lock;
 use crate::driver::{AckId, ReceivedMessage};
+use crate::token_map::TokenMap;
 
 /// What acks and lease extensions carry: the backend's id and the token of
 /// the lease the core keeps for it.
@@ -24,7 +24,7 @@ pub(crate) struct Leases {
     pub(crate) enabled: bool,
     pub(crate) deadline: Duration,
     max_extension: Duration,
-    pub(crate) held: Mutex<HashMap<u64, Held>>,
+    pub(crate) held: Mutex<TokenMap<Held>>,
 }
 
 pub(crate) struct Held {
@@ -39,7 +39,7 @@ impl Leases {
             enabled,
             deadline,
             max_extension,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(TokenMap::default()),
         }
     }
 

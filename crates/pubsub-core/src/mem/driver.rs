@@ -4,7 +4,7 @@ use std::any::Any;
 use std::cmp::Reverse;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,11 +18,84 @@ use crate::driver::{
 };
 use crate::error::{Error, Result};
 
+/// A handle's broker state, looked up on first use and again only once it
+/// was deleted (so a handle works again when its resource is re-created).
+/// Read without a lock while the first one lives: every send and ack reads
+/// it.
+struct Resolved<S> {
+    first: OnceLock<Arc<S>>,
+    later: Mutex<Option<Arc<S>>>,
+}
+
+impl<S> Default for Resolved<S> {
+    fn default() -> Self {
+        Resolved {
+            first: OnceLock::new(),
+            later: Mutex::new(None),
+        }
+    }
+}
+
+/// State a [`Resolved`] gave: its first, borrowed, or a later one.
+enum StateRef<'a, S> {
+    First(&'a S),
+    Later(Arc<S>),
+}
+
+impl<S> std::ops::Deref for StateRef<'_, S> {
+    type Target = S;
+
+    fn deref(&self) -> &S {
+        match self {
+            StateRef::First(s) => s,
+            StateRef::Later(s) => s,
+        }
+    }
+}
+
+/// Broker state that can be deleted.
+trait Deletable {
+    fn is_deleted(&self) -> bool;
+}
+
+impl Deletable for TopicState {
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+}
+
+impl Deletable for SubState {
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+}
+
+impl<S: Deletable> Resolved<S> {
+    fn get(&self, lookup: impl FnOnce() -> Result<Arc<S>>) -> Result<StateRef<'_, S>> {
+        if let Some(s) = self.first.get() {
+            if !s.is_deleted() {
+                return Ok(StateRef::First(s));
+            }
+        }
+        let mut later = lock(&self.later);
+        if let Some(s) = later.as_ref() {
+            if !s.is_deleted() {
+                return Ok(StateRef::Later(s.clone()));
+            }
+        }
+        let s = lookup()?;
+        if self.first.set(s.clone()).is_err() {
+            *later = Some(s.clone());
+        }
+        Ok(StateRef::Later(s))
+    }
+}
+
 /// The in-memory topic driver.
 pub struct TopicDriver {
     broker: Broker,
     name: String,
-    resolved: Mutex<Option<Arc<TopicState>>>,
+    resolved: Resolved<TopicState>,
 }
 
 impl TopicDriver {
@@ -30,7 +103,7 @@ impl TopicDriver {
         TopicDriver {
             broker,
             name: name.to_owned(),
-            resolved: Mutex::new(None),
+            resolved: Resolved::default(),
         }
     }
 }
@@ -38,17 +111,11 @@ impl TopicDriver {
 impl TopicDriver {
     /// The topic's state, looked up again once the cached one was deleted,
     /// so a handle works again when the topic is re-created.
-    fn state(&self) -> Result<Arc<TopicState>> {
-        let mut cached = lock(&self.resolved);
-        if let Some(t) = cached.as_ref() {
-            if !t.deleted.load(Ordering::Acquire) {
-                return Ok(t.clone());
-            }
-        }
-        let found = lock(&self.broker.inner.topics).get(&self.name).cloned();
-        let t = found.ok_or_else(|| self.missing())?;
-        *cached = Some(t.clone());
-        Ok(t)
+    fn state(&self) -> Result<StateRef<'_, TopicState>> {
+        self.resolved.get(|| {
+            let found = lock(&self.broker.inner.topics).get(&self.name).cloned();
+            found.ok_or_else(|| self.missing())
+        })
     }
 
     fn missing(&self) -> Error {
@@ -129,7 +196,7 @@ impl driver::Topic for TopicDriver {
 pub struct SubscriptionDriver {
     broker: Broker,
     name: String,
-    resolved: Mutex<Option<Arc<SubState>>>,
+    resolved: Resolved<SubState>,
 }
 
 impl SubscriptionDriver {
@@ -137,7 +204,7 @@ impl SubscriptionDriver {
         SubscriptionDriver {
             broker,
             name: name.to_owned(),
-            resolved: Mutex::new(None),
+            resolved: Resolved::default(),
         }
     }
 }
@@ -145,16 +212,8 @@ impl SubscriptionDriver {
 impl SubscriptionDriver {
     /// The subscription's state, looked up again once the cached one was
     /// deleted.
-    fn state(&self) -> Result<Arc<SubState>> {
-        let mut cached = lock(&self.resolved);
-        if let Some(s) = cached.as_ref() {
-            if !s.deleted.load(Ordering::Acquire) {
-                return Ok(s.clone());
-            }
-        }
-        let s = self.broker.sub_state(&self.name)?;
-        *cached = Some(s.clone());
-        Ok(s)
+    fn state(&self) -> Result<StateRef<'_, SubState>> {
+        self.resolved.get(|| self.broker.sub_state(&self.name))
     }
 
     fn ack_deadline(&self) -> Duration {

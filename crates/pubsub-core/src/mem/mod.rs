@@ -54,6 +54,7 @@ use crate::error::{Error, Result};
 use crate::options::{SubscriptionOptions, TopicOptions};
 use crate::registry::Registry;
 use crate::subscription::Subscription;
+use crate::token_map::TokenMap;
 use crate::topic::Topic;
 
 mod driver;
@@ -140,7 +141,7 @@ struct SubState {
 #[derive(Default)]
 struct SubQueue {
     ready: VecDeque<(Arc<Stored>, u32)>,
-    outstanding: HashMap<u64, Outstanding>,
+    outstanding: TokenMap<Outstanding>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     next_tag: u64,
 }

@@ -169,17 +169,10 @@ impl<T: Send + 'static> Batcher<T> {
                 // Releases the slot however this future ends, including
                 // being dropped mid-call.
                 let _slot = Slot(self);
-                let (tx, mut rx) = oneshot::channel();
-                self.inner
-                    .run(&mut VecDeque::from([Entry {
-                        item: item.take().expect("not yet moved"),
-                        size,
-                        reply: Some(tx),
-                    }]))
+                return self
+                    .inner
+                    .run_one(item.take().expect("not yet moved"))
                     .await;
-                return rx
-                    .try_recv()
-                    .unwrap_or_else(|_| Err(Error::internal("no result for an inline send")));
             }
         };
         match reply.await {

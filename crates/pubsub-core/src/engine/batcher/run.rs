@@ -5,12 +5,37 @@ use std::collections::VecDeque;
 
 use super::{Entry, Inner};
 use crate::driver::BatchError;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Retries a temporary failure gets once shutdown has begun.
 const SHUTDOWN_RETRIES: u32 = 5;
 
 impl<T: Send + 'static> Inner<T> {
+    /// Hands one item to the driver in the caller's task, retrying a
+    /// temporary failure, and returns its result: the batch of one that a
+    /// lone send makes needs no queue, reply channel or result vectors.
+    pub(super) async fn run_one(&self, item: T) -> Result<()> {
+        let batch = std::slice::from_ref(&item);
+        let mut attempt = 0u32;
+        loop {
+            let e = match self.handler.handle(batch).await {
+                Ok(()) => return Ok(()),
+                Err(BatchError::All(e)) => e,
+                Err(BatchError::Items(mut failed)) => match failed.pop() {
+                    Some((_, e)) => e,
+                    None => return Ok(()),
+                },
+            };
+            if !e.is_temporary() || (attempt >= SHUTDOWN_RETRIES && self.lock().closed) {
+                return Err(e);
+            }
+            let wait = self.retry.backoff(attempt);
+            tracing::debug!(error = %e, attempt, ?wait, "retrying temporary failure");
+            tokio::time::sleep(wait).await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
     /// Hands one batch to the driver, retrying temporary failures of the
     /// items that failed, and reports each item's final result. Leaves
     /// `batch` empty. Withdrawn items are dropped here, before the driver
