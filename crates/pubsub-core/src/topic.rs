@@ -27,7 +27,7 @@ pub struct Topic {
 struct Inner {
     driver: Arc<dyn driver::Topic>,
     caps: Capabilities,
-    batcher: Batcher<OutgoingMessage>,
+    batcher: Batcher<OutgoingMessage, SendHandler>,
     shut_down: AtomicBool,
 }
 

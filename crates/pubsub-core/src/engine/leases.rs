@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use super::batcher::Batcher;
 use super::lock;
+use super::settle::AckHandler;
 use crate::driver::{AckId, ReceivedMessage};
 use crate::token_map::TokenMap;
 
@@ -106,7 +107,7 @@ impl Leases {
 /// extender.
 pub(crate) async fn keep_leases(
     leases: Arc<Leases>,
-    extender: Batcher<Settle>,
+    extender: Batcher<Settle, AckHandler>,
     mut stop: watch::Receiver<bool>,
 ) {
     // At least two ticks fall in the last half of every lease, however

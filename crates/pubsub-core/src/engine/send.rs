@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tracing::Instrument;
 
 use super::batcher::BatchHandler;
@@ -15,7 +14,6 @@ pub(crate) struct SendHandler {
     pub(crate) driver: Arc<dyn driver::Topic>,
 }
 
-#[async_trait]
 impl BatchHandler<OutgoingMessage> for SendHandler {
     async fn handle(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
         let d = &*self.driver;

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tracing::Instrument;
@@ -63,8 +62,8 @@ pub(crate) struct Settler {
     can_nack: bool,
     leases: Arc<Leases>,
     failure: Arc<FailureSlot>,
-    acks: Batcher<Settle>,
-    nacks: Batcher<Nacked>,
+    acks: Batcher<Settle, AckHandler>,
+    nacks: Batcher<Nacked, NackHandler>,
     retry: RetryPolicy,
     /// Set when shutdown begins: the driver is about to close, so late
     /// settlements go to the batchers, which refuse them.
@@ -113,7 +112,11 @@ impl Settler {
     }
 
     /// The batcher that extends leases `by` a deadline, for the lease keeper.
-    pub(crate) fn extender(&self, limits: BatchLimits, by: Duration) -> Batcher<Settle> {
+    pub(crate) fn extender(
+        &self,
+        limits: BatchLimits,
+        by: Duration,
+    ) -> Batcher<Settle, AckHandler> {
         let handler = AckHandler {
             common: Common {
                 driver: self.driver.clone(),
@@ -271,12 +274,11 @@ struct Common {
 }
 
 /// Sends batches of acks, or of lease extensions by a duration.
-struct AckHandler {
+pub(crate) struct AckHandler {
     common: Common,
     extend: Option<Duration>,
 }
 
-#[async_trait]
 impl BatchHandler<Settle> for AckHandler {
     async fn handle(&self, batch: &[Settle]) -> Result<(), BatchError> {
         let d = &*self.common.driver;
@@ -319,9 +321,8 @@ impl BatchHandler<Settle> for AckHandler {
 }
 
 /// Sends batches of nacks.
-struct NackHandler(Common);
+pub(crate) struct NackHandler(Common);
 
-#[async_trait]
 impl BatchHandler<Nacked> for NackHandler {
     async fn handle(&self, batch: &[Nacked]) -> Result<(), BatchError> {
         let d = &*self.0.driver;

@@ -157,27 +157,40 @@ impl driver::Topic for TopicDriver {
                 ordering_key: m.ordering_key.clone(),
             };
             match m.run_before_send(&mut record) {
-                Ok(()) => stored.push(Arc::new(Stored {
+                Ok(()) => stored.push(Stored {
                     seq: first + i as u64,
                     record,
-                })),
+                }),
                 Err(e) => failed.push((i, e)),
             }
         }
-        let subs = t.subs.read().unwrap_or_else(|p| p.into_inner());
-        for s in subs.iter() {
-            let mut q = lock(&s.q);
-            q.ready.extend(stored.iter().map(|m| (m.clone(), 0)));
-            drop(q);
-            s.notify.notify_waiters();
-        }
-        drop(subs);
-        for m in &stored {
-            let i = (m.seq - first) as usize;
-            if batch[i].has_after_send() {
-                if let Err(e) = batch[i].run_after_send(&m.seq) {
-                    failed.push((i, e));
+        let hooked: Vec<u64> = stored
+            .iter()
+            .map(|m| m.seq)
+            .filter(|seq| batch[(seq - first) as usize].has_after_send())
+            .collect();
+        {
+            // Each subscription keeps a copy of its own (a body is shared,
+            // attributes are copied), as a broker does: the last one takes
+            // the batch's, so one subscription costs no copy.
+            let subs = t.subs.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((last, others)) = subs.split_last() {
+                for s in others {
+                    lock(&s.q)
+                        .ready
+                        .extend(stored.iter().map(|m| (m.clone(), 0)));
+                    s.notify.notify_waiters();
                 }
+                lock(&last.q)
+                    .ready
+                    .extend(stored.into_iter().map(|m| (m, 0)));
+                last.notify.notify_waiters();
+            }
+        }
+        for seq in hooked {
+            let i = (seq - first) as usize;
+            if let Err(e) = batch[i].run_after_send(&seq) {
+                failed.push((i, e));
             }
         }
         if failed.is_empty() {
@@ -284,7 +297,10 @@ impl driver::Subscription for SubscriptionDriver {
                     let n = max.min(q.ready.len());
                     let deadline = now + s.ack_deadline;
                     let mut out = Vec::with_capacity(n);
-                    for (msg, attempts) in q.ready.drain(..n).collect::<Vec<_>>() {
+                    for _ in 0..n {
+                        let Some((msg, attempts)) = q.ready.pop_front() else {
+                            break;
+                        };
                         let tag = q.next_tag;
                         q.next_tag += 1;
                         let attempt = attempts + 1;

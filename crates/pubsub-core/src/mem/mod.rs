@@ -108,6 +108,7 @@ pub struct Record {
     pub ordering_key: Option<String>,
 }
 
+#[derive(Clone)]
 struct Stored {
     seq: u64,
     record: Record,
@@ -140,14 +141,14 @@ struct SubState {
 
 #[derive(Default)]
 struct SubQueue {
-    ready: VecDeque<(Arc<Stored>, u32)>,
+    ready: VecDeque<(Stored, u32)>,
     outstanding: TokenMap<Outstanding>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     next_tag: u64,
 }
 
 struct Outstanding {
-    msg: Arc<Stored>,
+    msg: Stored,
     attempts: u32,
     deadline: Instant,
 }

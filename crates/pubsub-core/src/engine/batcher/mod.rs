@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use std::future::Future;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, Notify};
 
@@ -25,10 +25,10 @@ mod run;
 const SMALL_BATCH: usize = 64;
 
 /// Where a batch goes. Implemented by the topic and subscription engines
-/// around a driver call.
-#[async_trait]
+/// around a driver call. A type parameter of the batcher rather than a trait
+/// object, so that its future needs no box a batch.
 pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
-    async fn handle(&self, batch: &[T]) -> Result<(), BatchError>;
+    fn handle(&self, batch: &[T]) -> impl Future<Output = Result<(), BatchError>> + Send;
 
     /// Called with the final error of an item nobody waits for (acks).
     fn unreported_failure(&self, error: Error) {
@@ -41,11 +41,11 @@ pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
 #[cfg(test)]
 pub(crate) type Reply = oneshot::Receiver<Result<()>>;
 
-pub(crate) struct Batcher<T: Send + 'static> {
-    inner: Arc<Inner<T>>,
+pub(crate) struct Batcher<T: Send + Sync + 'static, H: BatchHandler<T>> {
+    inner: Arc<Inner<T, H>>,
 }
 
-impl<T: Send + 'static> Clone for Batcher<T> {
+impl<T: Send + Sync + 'static, H: BatchHandler<T>> Clone for Batcher<T, H> {
     fn clone(&self) -> Self {
         Batcher {
             inner: self.inner.clone(),
@@ -53,10 +53,10 @@ impl<T: Send + 'static> Clone for Batcher<T> {
     }
 }
 
-struct Inner<T> {
+struct Inner<T, H> {
     limits: BatchLimits,
     retry: RetryPolicy,
-    handler: Arc<dyn BatchHandler<T>>,
+    handler: Arc<H>,
     state: Mutex<State<T>>,
     idle: Notify,
     /// Cuts short a handler's linger when shutdown begins.
@@ -87,13 +87,9 @@ impl<T> Entry<T> {
     }
 }
 
-impl<T: Send + 'static> Batcher<T> {
+impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
     /// Must be called inside a Tokio runtime: handlers are spawned on it.
-    pub(crate) fn new(
-        limits: BatchLimits,
-        retry: RetryPolicy,
-        handler: Arc<dyn BatchHandler<T>>,
-    ) -> Self {
+    pub(crate) fn new(limits: BatchLimits, retry: RetryPolicy, handler: Arc<H>) -> Self {
         let limits = BatchLimits {
             max_batch_size: limits.max_batch_size.max(1),
             min_batch_size: limits.min_batch_size.clamp(1, limits.max_batch_size.max(1)),
@@ -247,9 +243,9 @@ impl<T: Send + 'static> Batcher<T> {
 }
 
 /// A handler slot taken by an inline send.
-struct Slot<'a, T: Send + 'static>(&'a Batcher<T>);
+struct Slot<'a, T: Send + Sync + 'static, H: BatchHandler<T>>(&'a Batcher<T, H>);
 
-impl<T: Send + 'static> Drop for Slot<'_, T> {
+impl<T: Send + Sync + 'static, H: BatchHandler<T>> Drop for Slot<'_, T, H> {
     fn drop(&mut self) {
         let mut st = self.0.inner.lock();
         st.active -= 1;
@@ -260,7 +256,7 @@ impl<T: Send + 'static> Drop for Slot<'_, T> {
     }
 }
 
-impl<T: Send + 'static> Inner<T> {
+impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A panic while holding this lock cannot leave the queue half-updated
         // in a way that matters more than losing the process, so recover.
@@ -320,8 +316,8 @@ impl<T: Send + 'static> Inner<T> {
     async fn handler_loop(self: Arc<Self>) {
         // Gives the slot back however the loop ends, including a panic in a
         // driver or a user's hook, so the batcher never runs out of slots.
-        struct Release<T: Send + 'static>(Arc<Inner<T>>, bool);
-        impl<T: Send + 'static> Drop for Release<T> {
+        struct Release<T: Send + Sync + 'static, H: BatchHandler<T>>(Arc<Inner<T, H>>, bool);
+        impl<T: Send + Sync + 'static, H: BatchHandler<T>> Drop for Release<T, H> {
             fn drop(&mut self) {
                 if !self.1 {
                     return;
@@ -454,7 +450,6 @@ mod tests {
         unreported: AtomicUsize,
     }
 
-    #[async_trait]
     impl BatchHandler<u32> for Recorder {
         async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
             if !self.delay.is_zero() {
@@ -624,7 +619,6 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_handler_gives_its_slot_back() {
         struct Panics(AtomicUsize);
-        #[async_trait]
         impl BatchHandler<u32> for Panics {
             async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
                 self.0.fetch_add(1, Ordering::SeqCst);
@@ -783,7 +777,6 @@ mod tests {
         struct FailOnce {
             seen: Mutex<Vec<Vec<u32>>>,
         }
-        #[async_trait]
         impl BatchHandler<u32> for FailOnce {
             async fn handle(&self, batch: &[u32]) -> Result<(), BatchError> {
                 let mut seen = self.seen.lock().unwrap();

@@ -3,14 +3,14 @@
 
 use std::collections::VecDeque;
 
-use super::{Entry, Inner};
+use super::{BatchHandler, Entry, Inner};
 use crate::driver::BatchError;
 use crate::error::{Error, Result};
 
 /// Retries a temporary failure gets once shutdown has begun.
 const SHUTDOWN_RETRIES: u32 = 5;
 
-impl<T: Send + 'static> Inner<T> {
+impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// Hands one item to the driver in the caller's task, retrying a
     /// temporary failure, and returns its result: the batch of one that a
     /// lone send makes needs no queue, reply channel or result vectors.
