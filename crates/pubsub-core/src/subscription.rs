@@ -209,7 +209,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use crate::driver::{AckId, BatchError, Deliveries, Nacked, ReceivedMessage};
+    use crate::driver::{AckId, BatchError, Deliveries, Nacked, ReceivedMessage, Settlement};
     use crate::error::{Error, ErrorKind};
     use async_trait::async_trait;
     use bytes::Bytes;
@@ -237,8 +237,10 @@ mod tests {
                 AckId::from_u64(1),
             )])
         }
-        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
-            Err(Error::new(ErrorKind::PermissionDenied, "no acks for you").into())
+        fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+            Settlement::later(async {
+                Err(Error::new(ErrorKind::PermissionDenied, "no acks for you").into())
+            })
         }
     }
 
@@ -326,14 +328,14 @@ mod tests {
                 })
                 .collect())
         }
-        async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+        fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
             if ids.len() > 1 {
                 self.batches.fetch_add(1, Ordering::SeqCst);
             }
             lock(&self.acked).extend(ids.iter().cloned());
-            Ok(())
+            Settlement::done(Ok(()))
         }
-        async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+        fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
             if nacks.len() > 1 {
                 self.batches.fetch_add(1, Ordering::SeqCst);
             }
@@ -346,7 +348,7 @@ mod tests {
                     n.delivery_attempt,
                 )
             }));
-            Ok(())
+            Settlement::done(Ok(()))
         }
         async fn extend_leases(&self, _ids: &[AckId], _by: Duration) -> Result<(), BatchError> {
             Ok(())
@@ -453,8 +455,8 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(Vec::new())
         }
-        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
-            Ok(())
+        fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+            Settlement::done(Ok(()))
         }
     }
 
@@ -520,8 +522,8 @@ mod tests {
             m.ordering_key = Some("k".into());
             Ok(vec![m])
         }
-        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
-            Ok(())
+        fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+            Settlement::done(Ok(()))
         }
     }
 
@@ -616,8 +618,8 @@ mod tests {
             }
         }
 
-        async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
-            Ok(())
+        fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+            Settlement::done(Ok(()))
         }
 
         fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {

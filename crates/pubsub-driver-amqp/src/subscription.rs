@@ -11,7 +11,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
-use pubsub_core::driver::{self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage};
+use pubsub_core::driver::{
+    self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage, Settlement,
+};
 use pubsub_core::{Error, Result};
 use tokio::sync::Mutex;
 
@@ -221,18 +223,17 @@ impl driver::Subscription for AmqpSubscription {
         Ok(out)
     }
 
-    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        settle(ids.iter(), |a| a.ack(BasicAckOptions::default())).await
+    fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
+        Settlement::later(settle(ids.iter(), |a| a.ack(BasicAckOptions::default())))
     }
 
-    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
-        settle(nacks.iter().map(|n| &n.ack_id), |a| {
+    fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
+        Settlement::later(settle(nacks.iter().map(|n| &n.ack_id), |a| {
             a.nack(BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()
             })
-        })
-        .await
+        }))
     }
 
     async fn close(&self) -> Result<()> {

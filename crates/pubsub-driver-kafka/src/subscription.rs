@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use pubsub_core::driver::{
-    self, AckId, BatchError, Capabilities, Deliveries, Nacked, ReceivedMessage,
+    self, AckId, Capabilities, Deliveries, Nacked, ReceivedMessage, Settlement,
 };
 use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
@@ -791,7 +791,7 @@ impl driver::Subscription for KafkaSubscription {
         }
     }
 
-    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
+    fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
         // An ack only moves the acked prefix that the next auto-commit
         // sends, so it is settled on the acking thread (local settlement);
         // `store_acked` stores the offsets a moment later, for all acks of
@@ -806,10 +806,10 @@ impl driver::Subscription for KafkaSubscription {
             drop(t);
             self.store.wake.notify_one();
         }
-        Ok(())
+        Settlement::done(Ok(()))
     }
 
-    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+    fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
         // Kafka cannot hand a delivery back: the message is handed out
         // again from its content, and its offset stays uncommitted (so a
         // restart or the partition's next owner reads it again) until it
@@ -845,7 +845,7 @@ impl driver::Subscription for KafkaSubscription {
         if queued {
             self.wake.notify_waiters();
         }
-        Ok(())
+        Settlement::done(Ok(()))
     }
 
     async fn close(&self) -> Result<()> {

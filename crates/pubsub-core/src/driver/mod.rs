@@ -32,7 +32,7 @@
 //!
 //! use pubsub_core::driver::{
 //!     self, async_trait, AckId, BatchError, Capabilities, Nacked, OutgoingMessage,
-//!     ReceivedMessage,
+//!     ReceivedMessage, Settlement,
 //! };
 //! use pubsub_core::{Message, Result};
 //!
@@ -91,16 +91,19 @@
 //!             })
 //!             .collect())
 //!     }
-//!     async fn send_acks(&self, _ids: &[AckId]) -> Result<(), BatchError> {
-//!         Ok(()) // taken off the queue when received; nothing to do
+//!     fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+//!         // Taken off the queue when received; nothing to do. A backend
+//!         // that acks over the network returns `Settlement::later(async
+//!         // move { ... })` with its call instead.
+//!         Settlement::done(Ok(()))
 //!     }
-//!     async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+//!     fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
 //!         let mut ready = self.0.ready.lock().unwrap();
 //!         for n in nacks {
 //!             let seq = n.ack_id.as_u64().unwrap_or_default();
 //!             ready.push_front((seq, n.body.clone()));
 //!         }
-//!         Ok(())
+//!         Settlement::done(Ok(()))
 //!     }
 //! }
 //!
@@ -128,6 +131,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 mod message;
+mod settlement;
 
 /// Re-exported so a driver crate implements the traits without depending
 /// on `async-trait` itself.
@@ -136,6 +140,7 @@ pub(crate) use message::message_size;
 pub use message::{
     AckId, AfterSend, Attributes, BeforeSend, Nacked, OutgoingMessage, ReceivedMessage,
 };
+pub use settlement::Settlement;
 
 /// How a batch call failed.
 #[derive(Debug, Clone)]
@@ -233,10 +238,10 @@ pub struct Capabilities {
     /// offsets, which the consumer commits on its own schedule; a client
     /// library that batches acks of its own). The core then calls
     /// `send_acks` and `send_nacks` with one item on the settling thread, as
-    /// `ack` or `nack` is called, and polls them once instead of queuing
-    /// them for a batch: a queue and a batch task would cost more than the
-    /// ack. They must then finish without waiting; one that is still
-    /// pending is dropped and its item batched instead.
+    /// `ack` or `nack` is called, instead of queuing them for a batch: a
+    /// queue and a batch task would cost more than the ack. They should then
+    /// return [`Settlement::done`]; a [`Settlement::later`] is polled once,
+    /// and if still pending, dropped and its item batched instead.
     pub local_settlement: bool,
     /// Most messages one `receive_batch` call may return; larger requests
     /// are split across concurrent calls.
@@ -313,16 +318,18 @@ pub trait Subscription: Send + Sync + fmt::Debug + 'static {
     /// messages it had not returned yet must then come back by themselves.
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>>;
 
-    /// Acknowledges deliveries. Acking twice, or acking an expired delivery,
-    /// must be harmless.
-    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError>;
+    /// Acknowledges deliveries: [`Settlement::later`] with the call to the
+    /// backend, or [`Settlement::done`] where the ack is bookkeeping in this
+    /// process. Acking twice, or acking an expired delivery, must be
+    /// harmless.
+    fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a>;
 
     /// Hands deliveries back for prompt redelivery, where
     /// [`Capabilities::nack`] says so; each comes as it was delivered. Nacking
     /// twice must be harmless, as must nacking a delivery acked meanwhile.
-    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+    fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
         let _ = nacks;
-        Err(Error::unimplemented("this backend cannot nack").into())
+        Settlement::done(Err(Error::unimplemented("this backend cannot nack").into()))
     }
 
     /// Pushes the ack deadline of deliveries to `by` from now, where

@@ -62,6 +62,7 @@ impl Leases {
         }
     }
 
+    #[inline]
     pub(crate) fn release(&self, tokens: impl Iterator<Item = u64>) {
         if !self.enabled {
             return;

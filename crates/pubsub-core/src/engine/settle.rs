@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
 use super::batcher::{BatchHandler, Batcher};
 use super::leases::{Leases, Settle};
 use super::{lock, with_context};
-use crate::driver::{self, AckId, BatchError, BatchLimits, Capabilities, Nacked};
+use crate::driver::{self, AckId, BatchError, BatchLimits, Capabilities, Nacked, Settlement};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 
@@ -184,33 +183,43 @@ impl Settler {
         }
     }
 
-    /// Polls a settlement made on the calling thread once. True if it is
-    /// done with (settled, or failed for good); false if it must be batched
-    /// (still pending, or failed for now).
-    fn settled<'a>(
-        &self,
-        call: futures_util::future::BoxFuture<'a, Result<(), BatchError>>,
-        token: u64,
-        op: &str,
-    ) -> bool {
-        let error = match call.now_or_never() {
-            None => return false,
-            Some(Ok(())) => None,
-            Some(Err(BatchError::All(e))) => Some(e),
-            Some(Err(BatchError::Items(mut v))) => v.pop().map(|(_, e)| e),
-        };
-        match error {
-            Some(e) if e.is_temporary() => return false,
-            Some(e) => {
-                let d = &*self.driver;
-                let e = e
-                    .with_context_default("driver", d.driver_name())
-                    .with_context_default("resource", d.resource())
-                    .with_context_default("operation", op);
-                self.failure.fail(e);
+    /// Takes the outcome of a settlement made on the calling thread. True if
+    /// it is done with (settled, or failed for good); false if it must be
+    /// batched (still pending, or failed for now).
+    #[inline]
+    fn settled(&self, call: Settlement<'_>, token: u64, op: &str) -> bool {
+        match call.now() {
+            Some(Ok(())) => {
+                self.leases.release(std::iter::once(token));
+                true
             }
-            None => {}
+            other => self.not_settled(other, token, op),
         }
+    }
+
+    #[cold]
+    fn not_settled(&self, outcome: Option<Result<(), BatchError>>, token: u64, op: &str) -> bool {
+        let error = match outcome {
+            None | Some(Ok(())) => return false,
+            Some(Err(BatchError::All(e))) => e,
+            Some(Err(BatchError::Items(mut v))) => match v.pop() {
+                Some((_, e)) => e,
+                None => {
+                    self.leases.release(std::iter::once(token));
+                    return true;
+                }
+            },
+        };
+        if error.is_temporary() {
+            return false;
+        }
+        let d = &*self.driver;
+        self.failure.fail(
+            error
+                .with_context_default("driver", d.driver_name())
+                .with_context_default("resource", d.resource())
+                .with_context_default("operation", op),
+        );
         self.leases.release(std::iter::once(token));
         true
     }
@@ -223,7 +232,7 @@ impl Settler {
         }
         if self.local {
             let tokens: Vec<u64> = unreceived.iter().map(|n| n.token).collect();
-            let done = self.driver.send_nacks(&unreceived).now_or_never();
+            let done = self.driver.send_nacks(&unreceived).now();
             if matches!(done, Some(Ok(()))) {
                 self.leases.release(tokens.into_iter());
                 return;

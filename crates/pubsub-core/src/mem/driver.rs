@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::cmp::Reverse;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use super::{
 };
 use crate::driver::{
     self, AckId, BatchError, Capabilities, Deliveries, Nacked, OutgoingMessage, ReceivedMessage,
+    Settlement,
 };
 use crate::error::{Error, Result};
 
@@ -282,7 +283,6 @@ impl driver::Subscription for SubscriptionDriver {
         loop {
             let notified = s.notify.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
             let wait = {
                 if s.deleted.load(Ordering::Acquire) {
                     return Err(Error::not_found(format!(
@@ -333,30 +333,36 @@ impl driver::Subscription for SubscriptionDriver {
                     return Ok(Vec::new());
                 }
                 let poll_left = POLL - waited;
+                // Counted under the queue's lock, where senders push: one
+                // that pushes after this sees the count and wakes us.
+                notified.as_mut().enable();
+                s.waiting.fetch_add(1, Ordering::SeqCst);
                 q.next_deadline().map_or(poll_left, |d| {
                     d.saturating_duration_since(now).min(poll_left)
                 })
             };
+            // Uncounted however the wait ends, a dropped receive included.
+            let _counted = Uncount(&s.waiting);
             let _ = tokio::time::timeout(wait, notified).await;
         }
     }
 
-    async fn send_acks(&self, ids: &[AckId]) -> Result<(), BatchError> {
-        self.settle(ids.iter(), |q, tag| {
+    fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
+        Settlement::done(self.settle(ids.iter(), |q, tag| {
             q.outstanding.remove(&tag);
-        })
+        }))
     }
 
-    async fn send_nacks(&self, nacks: &[Nacked]) -> Result<(), BatchError> {
+    fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
         let r = self.settle(nacks.iter().map(|n| &n.ack_id), |q, tag| {
             if let Some(o) = q.outstanding.remove(&tag) {
                 q.ready.push_front((o.msg, o.attempts));
             }
         });
         if let Ok(s) = self.state() {
-            s.notify.notify_waiters();
+            s.wake();
         }
-        r
+        Settlement::done(r)
     }
 
     async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {
@@ -375,6 +381,14 @@ impl driver::Subscription for SubscriptionDriver {
 
     fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {
         Some(Arc::new(MemDeliveries))
+    }
+}
+
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -42,7 +42,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,8 @@ struct SubState {
     ack_deadline: Duration,
     q: Mutex<SubQueue>,
     notify: Notify,
+    /// Receives waiting on `notify`; counted under `q`'s lock.
+    waiting: AtomicUsize,
     deleted: AtomicBool,
 }
 
@@ -386,7 +388,16 @@ impl SubState {
             ack_deadline,
             q: Mutex::new(SubQueue::default()),
             notify: Notify::new(),
+            waiting: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// Wakes waiting receives after messages were queued under `q`'s lock;
+    /// without waiters, skips the notifier's own lock.
+    fn wake(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
         }
     }
 }
