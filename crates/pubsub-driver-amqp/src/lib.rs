@@ -34,6 +34,13 @@
 //!   confirms). Messages are published persistent and mandatory: a missing
 //!   exchange, or a message no queue is bound to receive, fails with
 //!   `NotFound` rather than vanishing.
+//! - Each batch in flight publishes on a channel of its own (up to 16 at
+//!   once). lapin pairs confirms with publishes by counting, and pairs a
+//!   returned message with whichever confirm of the broker's ack range it
+//!   completes first; on a channel shared by concurrent batches either
+//!   could report the wrong message as sent. With a channel a batch, the
+//!   driver matches each return to its message by message id. The Go CDK
+//!   gets the same effect by sending one batch at a time.
 //! - Attributes travel as AMQP headers with long-string values; headers of
 //!   other types written by other clients are read as strings by the rule in
 //!   [`headers`](crate#headers). The ordering key is not carried.
@@ -99,10 +106,12 @@ pub(crate) fn capabilities(prefetch: u16) -> Capabilities {
     c.nack = true;
     c.fan_out = true;
     c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
-    // A confirm takes a disk write on the broker, so throughput follows
-    // the number of publishes in flight, not batch size: keep up to 128
-    // batches in flight, and batch only beyond that.
-    c.send_batching = BatchLimits::new(1000, 128);
+    // A confirm takes a broker round trip (and a disk write for durable
+    // queues), so throughput follows the publishes in flight. Each batch in
+    // flight has a channel to itself (see `AmqpTopic::send_batch`); up to
+    // 16 run at once, and beyond that sends wait and go as larger batches,
+    // which keeps the channels few and the publishes in flight many.
+    c.send_batching = BatchLimits::new(1000, 16);
     c.ack_batching = BatchLimits::new(1000, 2);
     c.max_receive_batch = usize::from(prefetch.max(1));
     // One consumer a subscription: its deliveries arrive in one stream.

@@ -1,15 +1,18 @@
 //! A topic is an exchange.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::task::Poll;
 
 use async_trait::async_trait;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
 use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
 use pubsub_core::{Error, ErrorKind, Result};
-use tokio::sync::Mutex;
 
 use crate::connection::{bounded, Connector};
 use crate::{capabilities, error, headers, DRIVER};
@@ -42,7 +45,9 @@ pub struct AmqpTopic {
     connector: Connector,
     exchange: ShortString,
     config: TopicConfig,
-    channel: Mutex<Option<Channel>>,
+    /// Open channels in confirm mode that no batch is using. A batch takes
+    /// one for itself and puts it back when done; see `send_batch`.
+    idle: std::sync::Mutex<Vec<Channel>>,
 }
 
 impl AmqpTopic {
@@ -55,15 +60,20 @@ impl AmqpTopic {
             connector,
             exchange,
             config,
-            channel: Mutex::new(None),
+            idle: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    async fn channel(&self) -> Result<Channel> {
-        let mut slot = self.channel.lock().await;
-        if let Some(ch) = slot.as_ref() {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Channel>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A channel for one batch alone: an idle one, or a new one.
+    async fn take_channel(&self) -> Result<Channel> {
+        loop {
+            let Some(ch) = self.idle().pop() else { break };
             if ch.status().connected() {
-                return Ok(ch.clone());
+                return Ok(ch);
             }
         }
         let ch = self.connector.channel().await?;
@@ -72,14 +82,13 @@ impl AmqpTopic {
             ch.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        *slot = Some(ch.clone());
         Ok(ch)
     }
 
-    async fn forget_channel(&self, dead: &Channel) {
-        let mut slot = self.channel.lock().await;
-        if slot.as_ref().is_some_and(|c| c.id() == dead.id()) {
-            *slot = None;
+    /// Hands a batch's channel back for the next batch, if it still works.
+    fn put_back(&self, ch: Channel) {
+        if ch.status().connected() {
+            self.idle().push(ch);
         }
     }
 
@@ -92,6 +101,8 @@ impl AmqpTopic {
             .map_err(|_| Error::invalid_argument("routing keys are at most 255 bytes"))
     }
 
+    /// The message's properties; a before-send hook may change any of
+    /// them, the message id included.
     fn properties(&self, m: &OutgoingMessage) -> Result<BasicProperties> {
         let mut props = BasicProperties::default()
             // Persistent, as the Go CDK publishes: a durable queue keeps the
@@ -103,6 +114,135 @@ impl AmqpTopic {
         }
         m.run_before_send(&mut props)?;
         Ok(props)
+    }
+}
+
+impl AmqpTopic {
+    /// Publishes `batch` on `ch`, which no other batch uses meanwhile;
+    /// sets `broken` when an error leaves the channel unfit for reuse.
+    async fn publish(
+        &self,
+        ch: &Channel,
+        batch: &[OutgoingMessage],
+        broken: &mut bool,
+    ) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        // No time limit on publishing or confirms: lapin queues a message's
+        // frames before anything can time out, so a limit would only send
+        // it again, and a broker that blocks publishers (a memory or disk
+        // alarm) should hold senders back, not multiply their messages. A
+        // dead connection fails them instead.
+        let mut publishes = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            let prepared = self
+                .routing_key(m)
+                .and_then(|k| Ok((k, self.properties(m)?)));
+            match prepared {
+                Ok((key, props)) => {
+                    let id = props.message_id().clone();
+                    let publish =
+                        ch.basic_publish(self.exchange.clone(), key, options, &m.body, props);
+                    publishes.push((i, id, Box::pin(publish)));
+                }
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        // Each publish is numbered and queued in its future's first poll:
+        // poll every one once, in batch order, before awaiting any, so the
+        // batch costs one write and one round trip.
+        let mut first = Vec::with_capacity(publishes.len());
+        std::future::poll_fn(|cx| {
+            first.extend(publishes.iter_mut().map(|(_, _, p)| p.as_mut().poll(cx)));
+            Poll::Ready(())
+        })
+        .await;
+        let mut pending = Vec::with_capacity(publishes.len());
+        for ((i, id, publish), first) in publishes.into_iter().zip(first) {
+            let published = match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => publish.await,
+            };
+            match published {
+                Ok(confirm) => pending.push((i, id, confirm)),
+                Err(e) => {
+                    *broken |= error::kills_channel(&e);
+                    failed.push((i, error::map(e)));
+                }
+            }
+        }
+        let mut confirmed = Vec::with_capacity(pending.len());
+        let mut returned = Vec::new();
+        for (i, id, confirm) in pending {
+            match confirm.await {
+                Ok(Confirmation::Ack(r)) => {
+                    returned.extend(r.map(|r| (i, r)));
+                    confirmed.push((i, id));
+                }
+                Ok(Confirmation::Nack(r)) => {
+                    returned.extend(r.map(|r| (i, r)));
+                    failed.push((
+                        i,
+                        Error::unavailable("the broker refused the message (publisher nack)"),
+                    ));
+                }
+                Ok(Confirmation::NotRequested) => failed.push((
+                    i,
+                    Error::internal("publisher confirms are off on this channel"),
+                )),
+                Err(e) => {
+                    *broken |= error::kills_channel(&e);
+                    failed.push((i, error::map(e)));
+                }
+            }
+        }
+        // A return names its message by message id; one without an id (a
+        // hook removed it) is taken as the message lapin paired it with.
+        // Ids are unique unless a hook made them not; then each return
+        // fails one message of its id.
+        let mut unroutable: HashMap<&str, Vec<Error>> = HashMap::new();
+        let mut unnamed = HashMap::new();
+        for (i, r) in &returned {
+            let e = self.unroutable(r);
+            match r.properties.message_id() {
+                Some(id) => unroutable.entry(id.as_str()).or_default().push(e),
+                None => {
+                    unnamed.insert(*i, e);
+                }
+            }
+        }
+        for (i, id) in confirmed {
+            let named = id
+                .as_ref()
+                .and_then(|id| unroutable.get_mut(id.as_str())?.pop());
+            if let Some(e) = named.or_else(|| unnamed.remove(&i)) {
+                failed.push((i, e));
+            } else if batch[i].has_after_send() {
+                if let Err(e) = batch[i].run_after_send(&Confirmation::Ack(None)) {
+                    failed.push((i, e));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(BatchError::Items(failed))
+        }
+    }
+
+    fn unroutable(&self, returned: &BasicReturnMessage) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "message unroutable: exchange {:?} has no queue bound for routing key {:?} ({})",
+                self.exchange.as_str(),
+                returned.delivery.routing_key.as_str(),
+                returned.reply_text.as_str()
+            ),
+        )
     }
 }
 
@@ -130,92 +270,29 @@ impl driver::Topic for AmqpTopic {
     }
 
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
-        let ch = self.channel().await?;
-        let mut failed = Vec::new();
-        let mut pending = Vec::with_capacity(batch.len());
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        // No time limit on publishing or confirms: lapin queues a message's
-        // frames before anything can time out, so a limit would only send
-        // it again, and a broker that blocks publishers (a memory or disk
-        // alarm) should hold senders back, not multiply their messages. A
-        // dead connection fails them instead.
-        // Publish the whole batch before awaiting any confirm, so the batch
-        // costs one round trip, not one a message.
-        for (i, m) in batch.iter().enumerate() {
-            let prepared = self
-                .routing_key(m)
-                .and_then(|k| Ok((k, self.properties(m)?)));
-            let (key, props) = match prepared {
-                Ok(p) => p,
-                Err(e) => {
-                    failed.push((i, e));
-                    continue;
-                }
-            };
-            match ch
-                .basic_publish(self.exchange.clone(), key, options, &m.body, props)
-                .await
-            {
-                Ok(confirm) => pending.push((i, confirm)),
-                Err(e) => {
-                    if error::kills_channel(&e) {
-                        self.forget_channel(&ch).await;
-                    }
-                    failed.push((i, error::map(e)));
-                }
-            }
+        // A channel to this batch alone, for two reasons. lapin numbers a
+        // publish for its confirm and then queues its frames, in two steps
+        // that another publisher on the channel could get between, and the
+        // broker numbers publishes as their frames arrive: swapped numbers
+        // make the broker's ack of one message confirm another, and after a
+        // connection cut a message is reported sent that the broker never
+        // took. And lapin hands a returned (unroutable) message to whichever
+        // confirm of the broker's ack range it completes first, so only when
+        // every confirm of the range belongs to this batch can the returns
+        // be matched to their messages. Concurrent batches use channels of
+        // their own, so batches still overlap.
+        let ch = self.take_channel().await?;
+        let mut broken = false;
+        let result = self.publish(&ch, batch, &mut broken).await;
+        if !broken {
+            self.put_back(ch);
         }
-        for (i, confirm) in pending {
-            match confirm.await {
-                Ok(Confirmation::Ack(None)) => {
-                    if batch[i].has_after_send() {
-                        if let Err(e) = batch[i].run_after_send(&Confirmation::Ack(None)) {
-                            failed.push((i, e));
-                        }
-                    }
-                }
-                Ok(Confirmation::Ack(Some(returned))) => {
-                    failed.push((
-                        i,
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!(
-                                "message unroutable: exchange {:?} has no queue bound for routing key {:?} ({})",
-                                self.exchange.as_str(),
-                                returned.delivery.routing_key.as_str(),
-                                returned.reply_text.as_str()
-                            ),
-                        ),
-                    ));
-                }
-                Ok(Confirmation::Nack(_)) => failed.push((
-                    i,
-                    Error::unavailable("the broker refused the message (publisher nack)"),
-                )),
-                Ok(Confirmation::NotRequested) => failed.push((
-                    i,
-                    Error::internal("publisher confirms are off on this channel"),
-                )),
-                Err(e) => {
-                    if error::kills_channel(&e) {
-                        self.forget_channel(&ch).await;
-                    }
-                    failed.push((i, error::map(e)));
-                }
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(BatchError::Items(failed))
-        }
+        result
     }
 
     async fn close(&self) -> Result<()> {
-        if let Some(ch) = self.channel.lock().await.take() {
+        let idle = std::mem::take(&mut *self.idle());
+        for ch in idle {
             if ch.status().connected() {
                 ch.close(200, "bye".into()).await.map_err(error::map)?;
             }
