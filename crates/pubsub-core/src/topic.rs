@@ -157,3 +157,81 @@ impl fmt::Debug for Topic {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::driver::BatchError;
+    use crate::RetryPolicy;
+
+    /// Fails each message's first two attempts as temporary and records the
+    /// id every attempt carried.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        seen: Mutex<Vec<(Bytes, u128)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl driver::Topic for Flaky {
+        fn driver_name(&self) -> &'static str {
+            "flaky"
+        }
+        fn resource(&self) -> &str {
+            "t"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+            let mut seen = self.seen.lock().unwrap();
+            let mut failed = Vec::new();
+            for (i, m) in batch.iter().enumerate() {
+                let tries = seen.iter().filter(|(b, _)| *b == m.body).count();
+                seen.push((m.body.clone(), m.unique_id()));
+                if tries < 2 {
+                    failed.push((i, Error::unavailable("not yet").with_temporary(true)));
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(BatchError::Items(failed))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_attempt_at_a_message_carries_its_one_id() {
+        let driver = Arc::new(Flaky::default());
+        let topic = Topic::with_options(
+            driver.clone(),
+            TopicOptions::default().with_retry(RetryPolicy::new(
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            )),
+        );
+        let sends = (0..20).map(|n| topic.send(Message::new(format!("m{n}"))));
+        for r in futures_util::future::join_all(sends).await {
+            r.unwrap();
+        }
+        topic.shutdown().await.unwrap();
+        let seen = driver.seen.lock().unwrap();
+        assert_eq!(seen.len(), 60, "three attempts each");
+        for (body, id) in seen.iter() {
+            let ids: std::collections::HashSet<u128> = seen
+                .iter()
+                .filter(|(b, _)| b == body)
+                .map(|(_, i)| *i)
+                .collect();
+            assert_eq!(ids.len(), 1, "{body:?} was sent with ids {ids:?}");
+            assert!(ids.contains(id));
+        }
+        let distinct: std::collections::HashSet<u128> = seen.iter().map(|(_, i)| *i).collect();
+        assert_eq!(distinct.len(), 20, "each message has an id of its own");
+    }
+}

@@ -108,7 +108,9 @@ impl AmqpTopic {
             // Persistent, as the Go CDK publishes: a durable queue keeps the
             // message across a broker restart once it is confirmed.
             .with_delivery_mode(2)
-            .with_message_id(ShortString::from(format!("{:032x}", fastrand::u128(..))));
+            // One id a message, kept across the core's retries, so a resend
+            // after a lost confirm is a duplicate receivers can detect.
+            .with_message_id(ShortString::from(format!("{:032x}", m.unique_id())));
         if !m.attributes.is_empty() {
             props = props.with_headers(headers::to_headers(&m.attributes)?);
         }

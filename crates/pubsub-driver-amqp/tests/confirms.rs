@@ -267,3 +267,42 @@ async fn returns_name_the_unroutable_messages() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// The core sends a message again when its confirm was lost; the resend
+/// must carry the first send's message id, so that receivers (and the
+/// driver's own `Message::id`) can tell the duplicate.
+#[tokio::test]
+async fn a_resend_carries_the_first_sends_message_id() {
+    let admin = Admin::connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let exchange = format!("resend-{:08x}", fastrand::u32(..));
+    let queue = format!("{exchange}-q");
+    admin.exchange(&exchange).await.unwrap();
+    admin.queue(&exchange, &queue).await.unwrap();
+    let topic = AmqpTopic::new(admin.connector.clone(), &exchange, TopicConfig::default()).unwrap();
+    let batch = [OutgoingMessage::new("once"), OutgoingMessage::new("twice")];
+    topic.send_batch(&batch).await.unwrap();
+    topic.send_batch(&batch).await.unwrap();
+    let mut ids: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for _ in 0..4 {
+        let m = admin
+            .channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("four messages queued");
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .clone()
+            .expect("a message id");
+        ids.entry(String::from_utf8(m.delivery.data.clone()).unwrap())
+            .or_default()
+            .push(id.to_string());
+    }
+    for (body, ids) in &ids {
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0], ids[1], "both sends of {body:?} carry one id");
+    }
+    assert_ne!(ids["once"][0], ids["twice"][0], "two messages, two ids");
+}

@@ -113,6 +113,7 @@ pub struct OutgoingMessage {
     /// Messages with the same key are delivered in order where the backend
     /// supports it.
     pub ordering_key: Option<String>,
+    id: u128,
     pub(crate) before_send: Option<BeforeSend>,
     pub(crate) after_send: Option<AfterSend>,
 }
@@ -124,9 +125,20 @@ impl OutgoingMessage {
             body: body.into(),
             attributes: Attributes::new(),
             ordering_key: None,
+            id: fastrand::u128(..),
             before_send: None,
             after_send: None,
         }
+    }
+
+    /// A random 128-bit id drawn once for this message, the same on every
+    /// attempt the core makes to send it. Drivers put it where the backend
+    /// names or deduplicates a message (an AMQP `message_id`, a JetStream
+    /// `Nats-Msg-Id`, an SQS FIFO deduplication id), so a resend after a
+    /// lost acknowledgement carries the id of the first send and receivers
+    /// can tell the duplicate.
+    pub fn unique_id(&self) -> u128 {
+        self.id
     }
 
     /// Runs the user's before-send hook, if any, on the backend's record.
