@@ -211,6 +211,8 @@ pub struct SubscriptionDriver {
     broker: Broker,
     name: String,
     resolved: Resolved<SubState>,
+    /// Deletes the subscription on close or drop (an anonymous one).
+    delete_when_closed: bool,
 }
 
 impl SubscriptionDriver {
@@ -219,7 +221,30 @@ impl SubscriptionDriver {
             broker,
             name: name.to_owned(),
             resolved: Resolved::default(),
+            delete_when_closed: false,
         }
+    }
+
+    /// Makes closing (or dropping) this driver delete its subscription, as
+    /// for the anonymous subscription a `mem://TOPIC` URL opens: no other
+    /// handle can reach it, so it would otherwise collect every later
+    /// message of the topic for good.
+    pub fn delete_when_closed(mut self) -> Self {
+        self.delete_when_closed = true;
+        self
+    }
+
+    fn delete(&self) {
+        if self.delete_when_closed {
+            // Already gone (deleted by hand, or closed before) is fine.
+            let _ = self.broker.delete_subscription(&self.name);
+        }
+    }
+}
+
+impl Drop for SubscriptionDriver {
+    fn drop(&mut self) {
+        self.delete();
     }
 }
 
@@ -275,6 +300,11 @@ impl driver::Subscription for SubscriptionDriver {
         let mut c = self.broker.capabilities();
         c.ack_deadline = Some(self.ack_deadline());
         c
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.delete();
+        Ok(())
     }
 
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {

@@ -14,7 +14,8 @@
 //! - subscription `mem://TOPIC[?subscription=NAME][&ackdeadline=30s]`: with
 //!   a name, the named subscription is opened (created on first use) so that
 //!   several processes' handles share one backlog; without one, a new
-//!   subscription of its own. `ackdeadline` defaults to 60 s.
+//!   subscription of its own, deleted when that subscription is shut
+//!   down. `ackdeadline` defaults to 60 s and must be more than zero.
 //!
 //! Escape hatches: [`crate::Topic::as_raw`] and
 //! [`crate::Subscription::as_raw`] give the [`Broker`];
@@ -251,13 +252,21 @@ impl Broker {
 
     /// Creates a subscription to `topic`, which gets every message sent to
     /// the topic from now on. `AlreadyExists` if the name is taken,
-    /// `NotFound` if the topic does not exist.
+    /// `NotFound` if the topic does not exist, `InvalidArgument` for a zero
+    /// ack deadline.
     pub fn create_subscription(
         &self,
         name: &str,
         topic: &str,
         ack_deadline: Duration,
     ) -> Result<()> {
+        if ack_deadline.is_zero() {
+            // A message would expire as it is handed out, and the lease
+            // keeper would extend leases in a loop without pause.
+            return Err(Error::invalid_argument(format!(
+                "subscription {name:?}: the ack deadline must be more than zero"
+            )));
+        }
         let t = lock(&self.inner.topics)
             .get(topic)
             .cloned()

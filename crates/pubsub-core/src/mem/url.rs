@@ -64,7 +64,9 @@ impl Opener for MemOpener {
                     broker.inner.anonymous.fetch_add(1, Ordering::Relaxed)
                 );
                 broker.create_subscription(&n, &topic, ack_deadline)?;
-                n
+                // Nobody else can name it, so it goes when its opener is done.
+                let driver = broker.subscription_driver(&n).delete_when_closed();
+                return Ok(Subscription::new(driver));
             }
         };
         Ok(broker.subscription(&name))
@@ -116,6 +118,48 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ErrorKind, Message};
+
+    fn anonymous_subs_of(topic: &str) -> usize {
+        let prefix = format!("{topic}/anonymous-");
+        super::super::lock(&Broker::global().inner.subs)
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count()
+    }
+
+    /// An anonymous subscription is the opener's alone: once it is shut
+    /// down, nothing keeps collecting the topic's messages.
+    #[tokio::test]
+    async fn an_anonymous_subscription_detaches_when_shut_down() {
+        let url = url::Url::parse("mem://anonymous-detach").unwrap();
+        let sub = MemOpener.open_subscription(&url).await.unwrap();
+        let other = MemOpener.open_subscription(&url).await.unwrap();
+        assert_eq!(anonymous_subs_of("anonymous-detach"), 2);
+        sub.shutdown().await.unwrap();
+        other.shutdown().await.unwrap();
+        let topic = MemOpener.open_topic(&url).await.unwrap();
+        topic.send(Message::new("after")).await.unwrap();
+        assert_eq!(
+            anonymous_subs_of("anonymous-detach"),
+            0,
+            "closed anonymous subscriptions still collect messages"
+        );
+        topic.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_zero_ack_deadline_is_refused() {
+        let url = url::Url::parse("mem://zero-deadline?ackdeadline=0s").unwrap();
+        let e = MemOpener.open_subscription(&url).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        let broker = Broker::global();
+        broker.ensure_topic("zero-deadline");
+        let e = broker
+            .create_subscription("zero-deadline-sub", "zero-deadline", Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    }
 
     #[test]
     fn durations() {
