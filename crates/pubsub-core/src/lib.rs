@@ -70,7 +70,7 @@ pub use bytes::Bytes;
 pub use driver::{Attributes, BatchLimits, Capabilities};
 pub use error::{Error, ErrorKind, Result};
 pub use message::Message;
-pub use options::{BatchOptions, SubscriptionOptions, TopicOptions};
+pub use options::{BatchOptions, SubscriptionOptions, TopicOptions, DEFAULT_SEND_GIVE_UP};
 pub use registry::{
     open_subscription, open_topic, query_pairs, redact_url, registry, resource_name, Opener,
     Registry,

@@ -81,13 +81,28 @@ impl BatchOptions {
 
 /// Options for a [`crate::Topic`].
 #[non_exhaustive]
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TopicOptions {
     /// How sends are batched.
     pub batching: BatchOptions,
-    /// How temporary send failures are retried.
+    /// How temporary send failures are retried. By default a send gives up
+    /// after 60 s of failures (`retry.give_up_after`), long enough to ride
+    /// out a broker restart, short enough that a send to a backend that is
+    /// gone returns.
     pub retry: RetryPolicy,
 }
+
+impl Default for TopicOptions {
+    fn default() -> Self {
+        TopicOptions {
+            batching: BatchOptions::default(),
+            retry: RetryPolicy::default().with_give_up_after(Some(DEFAULT_SEND_GIVE_UP)),
+        }
+    }
+}
+
+/// How long a send is retried by default.
+pub const DEFAULT_SEND_GIVE_UP: Duration = Duration::from_secs(60);
 
 impl TopicOptions {
     /// Sets the batching options.

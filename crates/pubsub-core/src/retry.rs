@@ -12,6 +12,12 @@ pub struct RetryPolicy {
     pub initial: Duration,
     /// The largest ceiling any wait can have.
     pub max: Duration,
+    /// How long one operation is retried before the core gives up on it
+    /// with a temporary `DeadlineExceeded` error naming the last failure;
+    /// `None` retries for as long as it takes. Sends default to 60 s (see
+    /// [`TopicOptions`](crate::TopicOptions)); receives and acks to `None`,
+    /// so a worker rides out an outage of any length.
+    pub give_up_after: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -19,6 +25,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(5),
+            give_up_after: None,
         }
     }
 }
@@ -26,7 +33,48 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// A policy with the given first and largest ceilings.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        RetryPolicy { initial, max }
+        RetryPolicy {
+            initial,
+            max,
+            give_up_after: None,
+        }
+    }
+
+    /// Sets how long one operation is retried; `None` for no limit.
+    pub fn with_give_up_after(mut self, limit: Option<Duration>) -> Self {
+        self.give_up_after = limit;
+        self
+    }
+
+    /// The error that ends retrying `last` after `attempts` attempts, if
+    /// waiting `wait` more would pass the limit for an operation that
+    /// began at `started`.
+    pub(crate) fn give_up(
+        &self,
+        started: tokio::time::Instant,
+        wait: Duration,
+        attempts: u32,
+        last: &crate::Error,
+    ) -> Option<crate::Error> {
+        let limit = self.give_up_after?;
+        let elapsed = started.elapsed();
+        if elapsed + wait <= limit {
+            return None;
+        }
+        let mut e = crate::Error::new(
+            crate::ErrorKind::DeadlineExceeded,
+            format!(
+                "gave up after {attempts} attempts in {:.1} s (the retry limit is {} s): {last}",
+                elapsed.as_secs_f64(),
+                limit.as_secs_f64()
+            ),
+        )
+        .with_temporary(true)
+        .with_source(last.clone());
+        for (k, v) in last.context_pairs() {
+            e = e.with_context(k, v.to_owned());
+        }
+        Some(e)
     }
 
     /// The wait before retry number `attempt` (0 for the first retry): a

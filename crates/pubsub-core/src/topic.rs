@@ -235,3 +235,90 @@ mod tests {
         assert_eq!(distinct.len(), 20, "each message has an id of its own");
     }
 }
+
+#[cfg(test)]
+mod give_up_tests {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::driver::BatchError;
+    use crate::{ErrorKind, RetryPolicy, DEFAULT_SEND_GIVE_UP};
+
+    /// A backend that is away: every send fails as temporary.
+    #[derive(Debug, Default)]
+    struct Down {
+        calls: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl driver::Topic for Down {
+        fn driver_name(&self) -> &'static str {
+            "down"
+        }
+        fn resource(&self) -> &str {
+            "t"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                send_batching: crate::driver::BatchLimits::new(10, 1),
+                ..Capabilities::default()
+            }
+        }
+        async fn send_batch(&self, _: &[OutgoingMessage]) -> Result<(), BatchError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Err(BatchError::All(
+                Error::unavailable("connection refused").with_temporary(true),
+            ))
+        }
+    }
+
+    /// A send to a backend that stays away fails once the retry limit has
+    /// passed, with a temporary `DeadlineExceeded` that says what was tried;
+    /// lone sends (run in the caller's task) and batched ones alike.
+    #[tokio::test(start_paused = true)]
+    async fn a_send_gives_up_after_the_retry_limit() {
+        let driver = Arc::new(Down::default());
+        let topic = Topic::with_options(driver.clone(), TopicOptions::default());
+        assert_eq!(topic_limit(), Some(DEFAULT_SEND_GIVE_UP));
+        let started = tokio::time::Instant::now();
+        let sends = (0..5).map(|n| topic.send(Message::new(format!("m{n}"))));
+        let results = tokio::time::timeout(
+            Duration::from_secs(600),
+            futures_util::future::join_all(sends),
+        )
+        .await
+        .expect("sends to a backend that is away must give up");
+        for r in results {
+            let e = r.expect_err("the backend is away");
+            assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{e}");
+            assert!(e.is_temporary());
+            assert!(e.message().contains("connection refused"), "{e}");
+            assert!(e.message().contains("attempts"), "{e}");
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(55) && took <= Duration::from_secs(61),
+            "gave up after {took:?}"
+        );
+        assert!(driver.calls.load(Ordering::Relaxed) > 5, "it retried");
+    }
+
+    fn topic_limit() -> Option<Duration> {
+        TopicOptions::default().retry.give_up_after
+    }
+
+    /// Without a limit, a send waits for the backend for as long as it
+    /// takes.
+    #[tokio::test(start_paused = true)]
+    async fn without_a_limit_a_send_keeps_retrying() {
+        let driver = Arc::new(Down::default());
+        let mut options = TopicOptions::default();
+        options.retry.give_up_after = None;
+        let topic = Topic::with_options(driver.clone(), options);
+        let send = topic.send(Message::new("m"));
+        let r = tokio::time::timeout(Duration::from_secs(3600), send).await;
+        assert!(r.is_err(), "still retrying after an hour");
+        let _ = RetryPolicy::default();
+    }
+}

@@ -79,6 +79,9 @@ struct Entry<T> {
     item: T,
     size: usize,
     reply: Option<oneshot::Sender<Result<()>>>,
+    /// When it was queued, where retrying it has a time limit: the limit
+    /// counts from here, so time spent waiting for a handler counts too.
+    queued: Option<tokio::time::Instant>,
 }
 
 impl<T> Entry<T> {
@@ -124,6 +127,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             item,
             size,
             reply: Some(tx),
+            queued: self.queued_at(),
         })?;
         Ok(rx)
     }
@@ -154,6 +158,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
                     item: item.take().expect("not yet moved"),
                     size,
                     reply: Some(tx),
+                    queued: self.queued_at(),
                 });
                 self.start_handlers(&mut st);
                 Some(rx)
@@ -186,6 +191,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             item,
             size,
             reply: None,
+            queued: self.queued_at(),
         })
     }
 
@@ -195,13 +201,24 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
         if st.closed {
             return Err(Error::failed_precondition("already shut down"));
         }
+        let queued = self.queued_at();
         st.pending.extend(items.into_iter().map(|item| Entry {
             item,
             size: 0,
             reply: None,
+            queued,
         }));
         self.start_handlers(&mut st);
         Ok(())
+    }
+
+    /// The time an item queued now is counted from, if its retries have a
+    /// limit; no clock read otherwise.
+    fn queued_at(&self) -> Option<tokio::time::Instant> {
+        self.inner
+            .retry
+            .give_up_after
+            .map(|_| tokio::time::Instant::now())
     }
 
     fn push(&self, entry: Entry<T>) -> Result<()> {

@@ -16,6 +16,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// lone send makes needs no queue, reply channel or result vectors.
     pub(super) async fn run_one(&self, item: T) -> Result<()> {
         let batch = std::slice::from_ref(&item);
+        let started = tokio::time::Instant::now();
         let mut attempt = 0u32;
         loop {
             let e = match self.handler.handle(batch).await {
@@ -30,6 +31,9 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 return Err(e);
             }
             let wait = self.retry.backoff(attempt);
+            if let Some(gave_up) = self.retry.give_up(started, wait, attempt + 1, &e) {
+                return Err(gave_up);
+            }
             tracing::debug!(error = %e, attempt, ?wait, "retrying temporary failure");
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
@@ -48,7 +52,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 continue;
             }
             items.push(e.item);
-            replies.push(e.reply);
+            replies.push((e.reply, e.queued));
         }
         if items.is_empty() {
             return;
@@ -61,8 +65,8 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 Err(BatchError::Items(f)) => f,
             };
             if failed.is_empty() {
-                for r in replies.into_iter().flatten() {
-                    let _ = r.send(Ok(()));
+                for (r, _) in replies {
+                    self.report(r, Ok(()));
                 }
                 return;
             }
@@ -72,52 +76,42 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                     *slot = Some(e);
                 }
             }
+            let shutting_down = attempt >= SHUTDOWN_RETRIES && self.lock().closed;
+            let wait = self.retry.backoff(attempt);
             let mut retry_items = Vec::new();
             let mut retry_replies = Vec::new();
             let mut last_error = None;
-            for ((item, reply), failure) in items.into_iter().zip(replies).zip(failed_at) {
+            for ((item, (reply, queued)), failure) in items.into_iter().zip(replies).zip(failed_at)
+            {
                 match failure {
-                    None => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Ok(()));
-                        }
-                    }
+                    None => self.report(reply, Ok(())),
                     // Nobody waits any more for a send that failed: the
                     // sender was never told it succeeded, so give up on it.
                     Some(_) if reply.as_ref().is_some_and(|r| r.is_closed()) => {}
+                    // Shutting down must end even while the backend is
+                    // away: what still fails is reported, not retried for
+                    // ever.
+                    Some(e) if e.is_temporary() && shutting_down => self.report(reply, Err(e)),
                     Some(e) if e.is_temporary() => {
-                        last_error = Some(e);
-                        retry_items.push(item);
-                        retry_replies.push(reply);
-                    }
-                    Some(e) => match reply {
-                        Some(r) => {
-                            let _ = r.send(Err(e));
+                        let gave_up =
+                            queued.and_then(|q| self.retry.give_up(q, wait, attempt + 1, &e));
+                        match gave_up {
+                            Some(g) => self.report(reply, Err(g)),
+                            None => {
+                                last_error = Some(e);
+                                retry_items.push(item);
+                                retry_replies.push((reply, queued));
+                            }
                         }
-                        None => self.handler.unreported_failure(e),
-                    },
+                    }
+                    Some(e) => self.report(reply, Err(e)),
                 }
             }
-            if retry_items.is_empty() {
+            let Some(last_error) = last_error else {
                 return;
-            }
-            if attempt >= SHUTDOWN_RETRIES && self.lock().closed {
-                // Shutting down must end even while the backend is away:
-                // what still fails is reported, not retried for ever.
-                let e = last_error.expect("a temporary failure");
-                for reply in retry_replies {
-                    match reply {
-                        Some(r) => {
-                            let _ = r.send(Err(e.clone()));
-                        }
-                        None => self.handler.unreported_failure(e.clone()),
-                    }
-                }
-                return;
-            }
-            let wait = self.retry.backoff(attempt);
+            };
             tracing::debug!(
-                error = %last_error.expect("a temporary failure"),
+                error = %last_error,
                 attempt,
                 items = retry_items.len(),
                 ?wait,
@@ -127,6 +121,18 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
             attempt = attempt.saturating_add(1);
             items = retry_items;
             replies = retry_replies;
+        }
+    }
+
+    /// Tells an item's sender its result, or the handler a failure nobody
+    /// waits for.
+    fn report(&self, reply: Option<tokio::sync::oneshot::Sender<Result<()>>>, r: Result<()>) {
+        match (reply, r) {
+            (Some(tx), r) => {
+                let _ = tx.send(r);
+            }
+            (None, Err(e)) => self.handler.unreported_failure(e),
+            (None, Ok(())) => {}
         }
     }
 }
