@@ -61,19 +61,17 @@ impl RetryPolicy {
         if elapsed + wait <= limit {
             return None;
         }
-        let mut e = crate::Error::new(
+        // The last failure is the source, shown after this message.
+        let e = crate::Error::new(
             crate::ErrorKind::DeadlineExceeded,
             format!(
-                "gave up after {attempts} attempts in {:.1} s (the retry limit is {} s): {last}",
+                "gave up after {attempts} attempts in {:.1} s (the retry limit is {} s)",
                 elapsed.as_secs_f64(),
                 limit.as_secs_f64()
             ),
         )
         .with_temporary(true)
         .with_source(last.clone());
-        for (k, v) in last.context_pairs() {
-            e = e.with_context(k, v.to_owned());
-        }
         Some(e)
     }
 
