@@ -17,9 +17,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use pubsub_core::{Attributes, Error, Result};
 
 /// Builds the header table of an outgoing message.
-pub(crate) fn to_headers(attrs: &Attributes) -> Result<FieldTable> {
+pub(crate) fn to_headers(attrs: &Attributes, skip: Option<&str>) -> Result<FieldTable> {
     let mut t = FieldTable::default();
     for (k, v) in attrs {
+        if Some(k.as_str()) == skip {
+            continue;
+        }
         let key = ShortString::try_new(k.as_str()).map_err(|_| {
             Error::invalid_argument(format!(
                 "attribute key of {} bytes is longer than AMQP's 255-byte limit",
@@ -134,7 +137,7 @@ mod tests {
         let mut a = Attributes::new();
         a.insert("k".into(), "v".into());
         a.insert("ünï".into(), "値".into());
-        let t = to_headers(&a).unwrap();
+        let t = to_headers(&a, None).unwrap();
         assert_eq!(from_headers(Some(&t)), a);
     }
 
@@ -143,7 +146,7 @@ mod tests {
         let mut a = Attributes::new();
         a.insert("k".repeat(256), "v".into());
         assert_eq!(
-            to_headers(&a).unwrap_err().kind(),
+            to_headers(&a, None).unwrap_err().kind(),
             pubsub_core::ErrorKind::InvalidArgument
         );
     }

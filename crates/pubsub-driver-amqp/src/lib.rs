@@ -4,7 +4,13 @@
 //! RabbitMQ driver, so Go and Rust services share them:
 //! - topic `rabbit://EXCHANGE[?key_name=ATTR]`: publishes to `EXCHANGE`;
 //!   with `key_name`, each message's routing key is its `ATTR` attribute;
-//! - subscription `rabbit://QUEUE[?prefetch_count=N]`: consumes `QUEUE`.
+//! - subscription `rabbit://QUEUE[?prefetch_count=N][&key_name=ATTR]`:
+//!   consumes `QUEUE`; with `key_name`, each delivery's routing key becomes
+//!   its `ATTR` attribute (the Go CDK takes this option in code only, not
+//!   in the URL).
+//!
+//! As in the Go CDK, the `key_name` attribute is sent as the routing key and
+//! not also as a header.
 //!
 //! The server comes from `RABBIT_SERVER_URL`
 //! (`amqp://user:pass@host:5672/vhost`); [`Connector`] takes it, or an
@@ -209,9 +215,10 @@ impl Opener for RabbitOpener {
                     })?;
                     config.prefetch_count = n;
                 }
+                "key_name" => config.key_name = Some(v),
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown rabbit:// subscription URL parameter {k:?}; known: prefetch_count"
+                        "unknown rabbit:// subscription URL parameter {k:?}; known: key_name, prefetch_count"
                     )))
                 }
             }

@@ -33,17 +33,28 @@ pub const DEFAULT_PREFETCH: u16 = 512;
 pub struct SubscriptionConfig {
     /// The channel's QoS prefetch count.
     pub prefetch_count: u16,
+    /// Store each delivery's routing key (when not empty) in this
+    /// attribute: the counterpart of [`TopicConfig::key_name`](crate::TopicConfig::key_name),
+    /// as the Go CDK's `SubscriptionOptions.KeyName`.
+    pub key_name: Option<String>,
 }
 
 impl Default for SubscriptionConfig {
     fn default() -> Self {
         SubscriptionConfig {
             prefetch_count: DEFAULT_PREFETCH,
+            key_name: None,
         }
     }
 }
 
 impl SubscriptionConfig {
+    /// Sets the attribute that gets each delivery's routing key.
+    pub fn with_key_name(mut self, attr: impl Into<String>) -> Self {
+        self.key_name = Some(attr.into());
+        self
+    }
+
     /// Sets the prefetch count (at least 1).
     pub fn with_prefetch_count(mut self, n: u16) -> Self {
         self.prefetch_count = n.max(1);
@@ -112,7 +123,12 @@ impl AmqpSubscription {
 
     fn to_message(&self, mut d: Delivery) -> ReceivedMessage {
         let body = Bytes::from(std::mem::take(&mut d.data));
-        let attributes = headers::from_headers(d.properties.headers().as_ref());
+        let mut attributes = headers::from_headers(d.properties.headers().as_ref());
+        if let Some(attr) = &self.config.key_name {
+            if !d.routing_key.as_str().is_empty() {
+                attributes.insert(attr.clone(), d.routing_key.as_str().to_owned());
+            }
+        }
         let id = match d.properties.message_id() {
             Some(id) => id.as_str().to_owned(),
             None => format!("{}#{}", self.queue.as_str(), d.delivery_tag),

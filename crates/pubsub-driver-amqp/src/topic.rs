@@ -23,7 +23,8 @@ use crate::{capabilities, error, headers, DRIVER};
 pub struct TopicConfig {
     /// Take each message's routing key from this attribute (for direct and
     /// topic exchanges); without it the routing key is empty, which suits
-    /// fanout exchanges.
+    /// fanout exchanges. As in the Go CDK, that attribute is not also sent
+    /// as a header: a subscription with the same `key_name` gets it back.
     pub key_name: Option<String>,
 }
 
@@ -111,8 +112,11 @@ impl AmqpTopic {
             // One id a message, kept across the core's retries, so a resend
             // after a lost confirm is a duplicate receivers can detect.
             .with_message_id(ShortString::from(format!("{:032x}", m.unique_id())));
-        if !m.attributes.is_empty() {
-            props = props.with_headers(headers::to_headers(&m.attributes)?);
+        // The key attribute travels as the routing key only, as the Go CDK
+        // sends it; a subscription with the same key_name restores it.
+        let key = self.config.key_name.as_deref();
+        if m.attributes.keys().any(|k| Some(k.as_str()) != key) {
+            props = props.with_headers(headers::to_headers(&m.attributes, key)?);
         }
         m.run_before_send(&mut props)?;
         Ok(props)

@@ -6,11 +6,15 @@ mod common;
 use std::time::Duration;
 
 use common::{server_url, Admin};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use pubsub_core::{ErrorKind, Message, Registry};
-use pubsub_driver_amqp::{lapin, open_topic, Connector, TopicConfig};
+use pubsub_driver_amqp::{
+    lapin, open_subscription, open_topic, Connector, SubscriptionConfig, TopicConfig,
+};
 
 fn unique(what: &str) -> String {
     format!("open-{what}-{:08x}", fastrand::u32(..))
@@ -28,17 +32,24 @@ async fn urls_open_topics_and_subscriptions_with_their_parameters() {
     assert!(registry.schemes().contains(&"rabbit".to_owned()));
 
     let sub = registry
-        .open_subscription(&format!("rabbit://{q}?prefetch_count=7"))
+        .open_subscription(&format!("rabbit://{q}?prefetch_count=7&key_name=route"))
         .await
         .unwrap();
     assert_eq!(sub.capabilities().max_receive_batch, 7);
-    let topic = registry.open_topic(&format!("rabbit://{x}")).await.unwrap();
-    topic.send(Message::new("by url")).await.unwrap();
+    let topic = registry
+        .open_topic(&format!("rabbit://{x}?key_name=route"))
+        .await
+        .unwrap();
+    topic
+        .send(Message::new("by url").with_attribute("route", "r1"))
+        .await
+        .unwrap();
     let m = tokio::time::timeout(Duration::from_secs(20), sub.receive())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(m.body().as_ref(), b"by url");
+    assert_eq!(m.attributes().get("route").map(String::as_str), Some("r1"));
     m.ack();
     topic.shutdown().await.unwrap();
     sub.shutdown().await.unwrap();
@@ -119,6 +130,42 @@ async fn routing_key_comes_from_key_name_and_unroutable_is_not_found() {
         .await
         .unwrap();
     topic.shutdown().await.unwrap();
+
+    // As the Go CDK sends it: the key attribute is the routing key and not
+    // also a header, and a subscription with the same key_name gets it back
+    // from the routing key.
+    let got = admin
+        .channel
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the routed message");
+    assert_eq!(got.delivery.routing_key.as_str(), "eu");
+    let headers = got
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !headers.inner().contains_key("region"),
+        "the key attribute is not a header: {headers:?}"
+    );
+    let sub = open_subscription(
+        &admin.connector,
+        &q,
+        SubscriptionConfig::default().with_key_name("region"),
+        Default::default(),
+    )
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.receive())
+        .await
+        .expect("the second routed message")
+        .unwrap();
+    assert_eq!(m.body().as_ref(), b"routed again");
+    assert_eq!(m.attributes().get("region").map(String::as_str), Some("eu"));
+    m.ack();
+    sub.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
