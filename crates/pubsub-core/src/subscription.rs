@@ -31,10 +31,16 @@ pub struct Subscription {
 pub struct SubscriptionStats {
     /// Messages handed to the application.
     pub received: u64,
-    /// Messages acked.
+    /// Messages acked (an ack handed to the backend or queued for it).
     pub acked: u64,
-    /// Messages nacked, including dropped ones.
+    /// Messages nacked, including dropped ones, on a backend that can nack.
     pub nacked: u64,
+    /// Nacks on a backend that cannot nack: nothing is sent, and the
+    /// message comes back once its ack deadline passes.
+    pub nacks_left_to_deadline: u64,
+    /// Acks and nacks made after shutdown began: not sent, so the backend
+    /// redelivers those messages.
+    pub late_settlements: u64,
     /// Messages dropped without ack or nack.
     pub dropped_unsettled: u64,
     /// The current adaptive receive batch size.
@@ -169,6 +175,8 @@ impl Subscription {
             received,
             acked: settled.acked.load(Ordering::Relaxed),
             nacked: settled.nacked.load(Ordering::Relaxed),
+            nacks_left_to_deadline: settled.unnackable.load(Ordering::Relaxed),
+            late_settlements: settled.late.load(Ordering::Relaxed),
             dropped_unsettled: settled.dropped.load(Ordering::Relaxed),
             receive_batch_size,
             queued,
@@ -270,6 +278,49 @@ mod tests {
             ErrorKind::PermissionDenied,
             "shutdown reports it too"
         );
+    }
+
+    /// A fake driver that cannot nack (as SQS with no visibility change,
+    /// or any backend without `Capabilities::nack`).
+    #[derive(Debug)]
+    struct CannotNack;
+
+    #[async_trait]
+    impl driver::Subscription for CannotNack {
+        fn driver_name(&self) -> &'static str {
+            "fake"
+        }
+        fn resource(&self) -> &str {
+            "cannot-nack"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                nack: false,
+                ..Capabilities::default()
+            }
+        }
+        async fn receive_batch(&self, _max: usize) -> Result<Vec<ReceivedMessage>> {
+            Ok(vec![ReceivedMessage::new(
+                Bytes::from_static(b"x"),
+                Default::default(),
+                "1".into(),
+                AckId::from_u64(1),
+            )])
+        }
+        fn send_acks<'a>(&'a self, _ids: &'a [AckId]) -> Settlement<'a> {
+            Settlement::done(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn nacks_the_backend_cannot_make_are_not_counted_as_nacked() {
+        let sub = Subscription::new(CannotNack);
+        sub.receive().await.unwrap().nack();
+        drop(sub.receive().await.unwrap());
+        let stats = sub.stats();
+        assert_eq!(stats.nacked, 0, "{stats:?}");
+        assert_eq!(stats.nacks_left_to_deadline, 2, "{stats:?}");
+        sub.shutdown().await.unwrap();
     }
 
     type NackedCopy = (AckId, Bytes, crate::Attributes, Option<String>, Option<u32>);
@@ -433,7 +484,8 @@ mod tests {
         let nacked: Vec<_> = lock(&d.nacked).iter().map(|(id, ..)| id.as_u64()).collect();
         assert_eq!(nacked, [Some(1)], "settled at once too");
         assert_eq!(d.batches.load(Ordering::SeqCst), 0);
-        assert_eq!(sub.stats().acked, 2);
+        assert_eq!(sub.stats().acked, 1, "the late ack is not counted as acked");
+        assert_eq!(sub.stats().late_settlements, 1);
     }
 
     /// A fake driver that answers "nothing" at once, and counts the asks.

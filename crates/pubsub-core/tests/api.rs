@@ -221,3 +221,32 @@ async fn prefetched_messages_are_nacked_on_shutdown() {
     again.shutdown().await.unwrap();
     topic.shutdown().await.unwrap();
 }
+
+/// An ack after shutdown is not sent (the backend redelivers the message),
+/// so it is counted as late, not as acked.
+#[tokio::test]
+async fn late_acks_are_counted_as_late_not_acked() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    topic.send(Message::new("one")).await.unwrap();
+    topic.send(Message::new("two")).await.unwrap();
+    let sub = b.subscription("s");
+    let first = tokio::time::timeout(WAIT, sub.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(WAIT, sub.receive())
+        .await
+        .unwrap()
+        .unwrap();
+    first.ack();
+    sub.shutdown().await.unwrap();
+    second.ack();
+    let stats = sub.stats();
+    assert_eq!(stats.acked, 1, "{stats:?}");
+    assert_eq!(stats.late_settlements, 1, "{stats:?}");
+    topic.shutdown().await.unwrap();
+}

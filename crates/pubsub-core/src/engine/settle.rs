@@ -70,6 +70,10 @@ pub(crate) struct Settler {
     pub(crate) acked: AtomicU64,
     pub(crate) nacked: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Acks and nacks made after shutdown began, which were not sent.
+    pub(crate) late: AtomicU64,
+    /// Nacks on a backend that cannot nack, left to the ack deadline.
+    pub(crate) unnackable: AtomicU64,
 }
 
 impl Settler {
@@ -107,6 +111,8 @@ impl Settler {
             acked: AtomicU64::new(0),
             nacked: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            unnackable: AtomicU64::new(0),
         }
     }
 
@@ -136,7 +142,6 @@ impl Settler {
     /// Acks one delivery. Returns at once.
     #[inline]
     pub(crate) fn ack(&self, id: &AckId, token: u64) {
-        self.acked.fetch_add(1, Ordering::Relaxed);
         if self.at_once()
             && self.settled(
                 self.driver.send_acks(std::slice::from_ref(id)),
@@ -144,13 +149,17 @@ impl Settler {
                 "ack",
             )
         {
+            self.acked.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let item = Settle {
             id: id.clone(),
             token,
         };
-        if self.acks.add_detached(item, 0).is_err() {
+        if self.acks.add_detached(item, 0).is_ok() {
+            self.acked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.late.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("ack after shutdown ignored; the backend will redeliver");
         }
     }
@@ -162,9 +171,9 @@ impl Settler {
 
     /// Nacks one delivery, handed over as delivered. Returns at once.
     pub(crate) fn nack(&self, nacked: Nacked) {
-        self.nacked.fetch_add(1, Ordering::Relaxed);
         if !self.can_nack {
             // Left to the ack deadline; stop keeping its lease alive.
+            self.unnackable.fetch_add(1, Ordering::Relaxed);
             self.leases.release(std::iter::once(nacked.token));
             return;
         }
@@ -175,10 +184,14 @@ impl Settler {
                 token,
                 "nack",
             ) {
+                self.nacked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        if self.nacks.add_detached(nacked, 0).is_err() {
+        if self.nacks.add_detached(nacked, 0).is_ok() {
+            self.nacked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.late.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("nack after shutdown ignored; the backend will redeliver");
         }
     }
