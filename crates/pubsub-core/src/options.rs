@@ -132,6 +132,10 @@ pub struct SubscriptionOptions {
     pub max_lease_extension: Duration,
     /// How temporary receive and ack failures are retried.
     pub retry: RetryPolicy,
+    /// How long `shutdown` waits for the handlers that
+    /// [`handle_concurrently`](crate::Subscription::handle_concurrently)
+    /// is running to finish, so their acks are sent. Default: 30 s.
+    pub drain_timeout: Duration,
 }
 
 impl Default for SubscriptionOptions {
@@ -141,6 +145,7 @@ impl Default for SubscriptionOptions {
             max_receive_batch: None,
             max_lease_extension: Duration::from_secs(60 * 60),
             retry: RetryPolicy::default(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -167,6 +172,12 @@ impl SubscriptionOptions {
     /// Sets the retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Sets how long shutdown waits for running handlers.
+    pub fn with_drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
         self
     }
 }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::driver::{self, Capabilities};
 use crate::engine::lock;
-use crate::engine::receiver::Receiver;
+use crate::engine::receiver::{Receiver, IN_HANDLER};
 use crate::error::Result;
 use crate::message::Message;
 use crate::options::SubscriptionOptions;
@@ -102,6 +102,11 @@ impl Subscription {
     /// each in its own task, until the subscription is shut down (then
     /// `Ok`, after the running handlers finish) or fails (the error).
     ///
+    /// [`shutdown`](Self::shutdown) drains: it stops handing out messages,
+    /// waits for the running handlers (up to
+    /// [`SubscriptionOptions::drain_timeout`](crate::SubscriptionOptions::drain_timeout)),
+    /// then sends their acks, so work already done is not redelivered.
+    ///
     /// The handler settles each message; one it drops (or panics on) is
     /// nacked by the drop rule.
     pub async fn handle_concurrently<F, Fut>(
@@ -127,7 +132,14 @@ impl Subscription {
             match msg {
                 Ok(m) => {
                     let h = handler.clone();
-                    running.spawn(async move { h(m).await });
+                    // Counted before it runs, so a shutdown from now on
+                    // waits for it.
+                    let guard = self.engine.handler_started();
+                    let scope = self.engine.handler_scope();
+                    running.spawn(IN_HANDLER.scope(scope, async move {
+                        let _running = guard;
+                        h(m).await
+                    }));
                 }
                 Err(_) if self.is_shut_down() => break Ok(()),
                 Err(e) => break Err(e),

@@ -250,3 +250,83 @@ async fn late_acks_are_counted_as_late_not_acked() {
     assert_eq!(stats.late_settlements, 1, "{stats:?}");
     topic.shutdown().await.unwrap();
 }
+
+/// Shutting down while `handle_concurrently` runs lets the running handlers
+/// finish and sends their acks: work already done is not redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_handlers_finish_and_sends_their_acks() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    for n in 0..50 {
+        topic.send(Message::new(format!("m{n}"))).await.unwrap();
+    }
+    let sub = b.subscription("s");
+    let started = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let pool = {
+        let (sub, started, handled) = (sub.clone(), started.clone(), handled.clone());
+        tokio::spawn(async move {
+            sub.handle_concurrently(4, move |m| {
+                let (started, handled) = (started.clone(), handled.clone());
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    m.ack();
+                    handled.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .await
+        })
+    };
+    while started.load(Ordering::SeqCst) < 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sub.shutdown().await.unwrap();
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        started.load(Ordering::SeqCst),
+        "shutdown returned before the running handlers finished"
+    );
+    pool.await.unwrap().expect("ends with Ok on shutdown");
+    let handled = handled.load(Ordering::SeqCst);
+    let stats = sub.stats();
+    assert_eq!(stats.late_settlements, 0, "{stats:?}");
+    assert_eq!(stats.acked as usize, handled, "{stats:?}");
+    assert_eq!(
+        b.backlog("s").unwrap(),
+        50 - handled,
+        "only what was not handled is left"
+    );
+    topic.shutdown().await.unwrap();
+}
+
+/// A handler may shut its subscription down (say, after a last message):
+/// shutdown then waits for the other handlers, not for the caller itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_can_shut_its_subscription_down() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic("t");
+    topic.send(Message::new("stop")).await.unwrap();
+    let sub = b.subscription("s");
+    let inner = sub.clone();
+    let pool = sub.handle_concurrently(2, move |m| {
+        let sub = inner.clone();
+        async move {
+            m.ack();
+            sub.shutdown().await.unwrap();
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), pool)
+        .await
+        .expect("shutdown from a handler does not wait for that handler")
+        .unwrap();
+    assert_eq!(sub.stats().acked, 1);
+    assert_eq!(b.backlog("s").unwrap(), 0, "its ack was sent");
+    topic.shutdown().await.unwrap();
+}

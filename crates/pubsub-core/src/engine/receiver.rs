@@ -42,6 +42,29 @@ pub(crate) struct Receiver {
     runtime: Handle,
     /// The lease keeper, awaited on shutdown so no extension follows close.
     keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Stops the lease keeper: later than `stop`, so that the leases of
+    /// messages still being handled are kept while shutdown waits for them.
+    keeper_stop: watch::Sender<bool>,
+    /// Handlers `handle_concurrently` is running, which shutdown waits for.
+    handlers: AtomicUsize,
+    handlers_done: Notify,
+    drain_timeout: Duration,
+}
+
+tokio::task_local! {
+    /// The receiver whose handler the current task runs, so a shutdown
+    /// called from inside a handler does not wait for that handler itself.
+    pub(crate) static IN_HANDLER: usize;
+}
+
+/// Counts one running handler until dropped.
+pub(crate) struct HandlerGuard(Arc<Receiver>);
+
+impl Drop for HandlerGuard {
+    fn drop(&mut self) {
+        self.0.handlers.fetch_sub(1, Ordering::AcqRel);
+        self.0.handlers_done.notify_waiters();
+    }
 }
 
 pub(crate) struct RecvState {
@@ -102,9 +125,14 @@ impl Receiver {
         let deliveries = driver.deliveries();
         let taken_back_seen = deliveries.as_ref().map_or(0, |d| d.taken_back());
         let (stop, _) = watch::channel(false);
+        let (keeper_stop, _) = watch::channel(false);
         let keeper = leases.enabled.then(|| {
             let extender = settler.extender(limits, leases.deadline);
-            tokio::spawn(keep_leases(leases.clone(), extender, stop.subscribe()))
+            tokio::spawn(keep_leases(
+                leases.clone(),
+                extender,
+                keeper_stop.subscribe(),
+            ))
         });
         Arc::new(Receiver {
             driver,
@@ -131,7 +159,49 @@ impl Receiver {
             retry: options.retry,
             runtime: Handle::current(),
             keeper: Mutex::new(keeper),
+            keeper_stop,
+            handlers: AtomicUsize::new(0),
+            handlers_done: Notify::new(),
+            drain_timeout: options.drain_timeout,
         })
+    }
+
+    /// Counts a handler as running until the guard is dropped; shutdown
+    /// waits for it (up to the drain timeout) before sending the last acks.
+    pub(crate) fn handler_started(self: &Arc<Self>) -> HandlerGuard {
+        self.handlers.fetch_add(1, Ordering::AcqRel);
+        HandlerGuard(self.clone())
+    }
+
+    /// The id `IN_HANDLER` holds for this receiver's handlers.
+    pub(crate) fn handler_scope(&self) -> usize {
+        self as *const Receiver as usize
+    }
+
+    /// Waits for the running handlers, up to the drain timeout; not for
+    /// the one calling, if a handler calls shutdown.
+    async fn drain_handlers(&self) {
+        let own = IN_HANDLER
+            .try_with(|id| *id == self.handler_scope())
+            .unwrap_or(false);
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        loop {
+            let done = self.handlers_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let running = self.handlers.load(Ordering::Acquire);
+            if running <= usize::from(own) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                tracing::warn!(
+                    running,
+                    timeout = ?self.drain_timeout,
+                    "shutting down with handlers still running; their acks will not be sent"
+                );
+                return;
+            }
+        }
     }
 
     /// The driver's answers about its deliveries, for describing a message
@@ -474,6 +544,10 @@ impl Receiver {
         // The driver is still open, so a driver that settles locally
         // settles these too.
         self.settler.nack_unreceived(unreceived);
+        // Receives now fail, so no handler starts; those running finish
+        // and settle before the last acks go out.
+        self.drain_handlers().await;
+        self.keeper_stop.send_replace(true);
         self.settler.close().await;
         let keeper = lock(&self.keeper).take();
         if let Some(k) = keeper {
