@@ -39,7 +39,10 @@
 //! - `send` returns once the broker confirmed the message (publisher
 //!   confirms). Messages are published persistent and mandatory: a missing
 //!   exchange, or a message no queue is bound to receive, fails with
-//!   `NotFound` rather than vanishing.
+//!   `NotFound` rather than vanishing. Two deviations from the Go CDK,
+//!   invisible to its receivers: it publishes transient messages with no
+//!   `message_id`; this driver publishes persistent ones whose
+//!   `message_id` is the message's `unique_id`, the same on a resend.
 //! - Each batch in flight publishes on a channel of its own (up to 16 at
 //!   once). lapin pairs confirms with publishes by counting, and pairs a
 //!   returned message with whichever confirm of the broker's ack range it

@@ -106,8 +106,9 @@ impl AmqpTopic {
     /// them, the message id included.
     fn properties(&self, m: &OutgoingMessage) -> Result<BasicProperties> {
         let mut props = BasicProperties::default()
-            // Persistent, as the Go CDK publishes: a durable queue keeps the
-            // message across a broker restart once it is confirmed.
+            // Persistent, so a durable queue keeps a confirmed message
+            // across a broker restart. The Go CDK publishes transient (the
+            // AMQP default); receivers see no difference.
             .with_delivery_mode(2)
             // One id a message, kept across the core's retries, so a resend
             // after a lost confirm is a duplicate receivers can detect.

@@ -47,6 +47,10 @@
 //! - Nack works, unlike in the Go CDK (which panics): a nacked message is
 //!   handed out again soon by this consumer from a local queue, and its
 //!   offset is not committed until it is acked.
+//! - `Message::delivery_attempt` is `None` on a first read: Kafka keeps no
+//!   delivery count, and another consumer (or this group before a restart)
+//!   may have read the offset already. A nacked message handed out again
+//!   reports 2, 3, ..., counting this subscription's own deliveries.
 //! - On a rebalance, revoked partitions' acked prefixes are committed, and
 //!   their messages not yet handed out are dropped unacked, for their new
 //!   owner reads them: nacked ones waiting to be handed out again, and

@@ -520,7 +520,8 @@ impl KafkaSubscription {
         got.push(ReceivedMessage::describe_lazily(body, attributes, ack, at));
         if let Some(r) = got.last_mut() {
             r.ordering_key = key;
-            r.delivery_attempt = Some(1);
+            // Unknown: Kafka keeps no delivery count, and another consumer
+            // (or this group before a restart) may have read the offset.
         }
     }
 
@@ -837,6 +838,7 @@ impl driver::Subscription for KafkaSubscription {
                         key: n.ordering_key.clone(),
                         timestamp,
                     },
+                    // Counted from this subscription's own first delivery.
                     attempt: n.delivery_attempt.unwrap_or(1).saturating_add(1),
                 });
                 queued = true;
