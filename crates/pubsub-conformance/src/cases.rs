@@ -491,6 +491,15 @@ pub async fn dropped_receive_futures_lose_nothing(h: &impl Harness) {
         }
     }
     sender.await.expect("sender");
+    // Every message arrives even if a cancelled receive had dropped one it
+    // took (the drop rule nacks it, so it comes again): what shows a
+    // receive that is not cancel-safe is a message handed out and dropped.
+    let stats = f.sub.stats();
+    assert_eq!(
+        (stats.dropped_unsettled, stats.nacked),
+        (0, 0),
+        "a cancelled receive dropped messages it had taken: {stats:?}"
+    );
     finish(f).await;
 }
 
