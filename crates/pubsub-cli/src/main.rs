@@ -276,15 +276,45 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes on one line. A `pubsub_core::Error` already
+/// shows its own causes, so the chain stops there rather than print them
+/// twice.
+fn describe(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        parts.push(cause.to_string());
+        if cause.downcast_ref::<pubsub_core::Error>().is_some() {
+            break;
+        }
+    }
+    parts.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_print_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused by peer");
+        let e = pubsub_core::Error::unavailable("cannot connect").with_source(io);
+        let e = anyhow::Error::new(e).context("sending to rabbit://x");
+        let text = describe(&e);
+        assert_eq!(text.matches("refused by peer").count(), 1, "{text}");
+        assert!(
+            text.starts_with("sending to rabbit://x: unavailable: cannot connect"),
+            "{text}"
+        );
+        // The chain before a pubsub error is kept whole.
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&plain), "outer: inner");
+    }
 
     #[test]
     fn json_lines_carry_text_or_base64_bodies() {
