@@ -46,18 +46,24 @@ impl RetryPolicy {
         self
     }
 
+    /// When an operation starting now began, for [`give_up`](Self::give_up);
+    /// no clock read without a limit.
+    pub(crate) fn started(&self) -> Option<tokio::time::Instant> {
+        self.give_up_after.map(|_| tokio::time::Instant::now())
+    }
+
     /// The error that ends retrying `last` after `attempts` attempts, if
     /// waiting `wait` more would pass the limit for an operation that
-    /// began at `started`.
+    /// began at `started` (from [`started`](Self::started)).
     pub(crate) fn give_up(
         &self,
-        started: tokio::time::Instant,
+        started: Option<tokio::time::Instant>,
         wait: Duration,
         attempts: u32,
         last: &crate::Error,
     ) -> Option<crate::Error> {
         let limit = self.give_up_after?;
-        let elapsed = started.elapsed();
+        let elapsed = started?.elapsed();
         if elapsed + wait <= limit {
             return None;
         }

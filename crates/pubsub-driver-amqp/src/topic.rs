@@ -3,8 +3,6 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::task::Poll;
 
 use async_trait::async_trait;
 use lapin::message::BasicReturnMessage;
@@ -143,6 +141,7 @@ impl AmqpTopic {
         // it again, and a broker that blocks publishers (a memory or disk
         // alarm) should hold senders back, not multiply their messages. A
         // dead connection fails them instead.
+        let mut named = Vec::with_capacity(batch.len());
         let mut publishes = Vec::with_capacity(batch.len());
         for (i, m) in batch.iter().enumerate() {
             let prepared = self
@@ -150,29 +149,25 @@ impl AmqpTopic {
                 .and_then(|k| Ok((k, self.properties(m)?)));
             match prepared {
                 Ok((key, props)) => {
-                    let id = props.message_id().clone();
-                    let publish =
-                        ch.basic_publish(self.exchange.clone(), key, options, &m.body, props);
-                    publishes.push((i, id, Box::pin(publish)));
+                    named.push((i, props.message_id().clone()));
+                    publishes.push(ch.basic_publish(
+                        self.exchange.clone(),
+                        key,
+                        options,
+                        &m.body,
+                        props,
+                    ));
                 }
                 Err(e) => failed.push((i, e)),
             }
         }
-        // Each publish is numbered and queued in its future's first poll:
-        // poll every one once, in batch order, before awaiting any, so the
-        // batch costs one write and one round trip.
-        let mut first = Vec::with_capacity(publishes.len());
-        std::future::poll_fn(|cx| {
-            first.extend(publishes.iter_mut().map(|(_, _, p)| p.as_mut().poll(cx)));
-            Poll::Ready(())
-        })
-        .await;
-        let mut pending = Vec::with_capacity(publishes.len());
-        for ((i, id, publish), first) in publishes.into_iter().zip(first) {
-            let published = match first {
-                Poll::Ready(r) => r,
-                Poll::Pending => publish.await,
-            };
+        // Each publish queues its frames in its first poll: polling them
+        // together queues the whole batch before awaiting any write, so the
+        // batch costs one write and one round trip. The channel is this
+        // batch's alone, so the order the polls take cannot swap numbers.
+        let published = futures_util::future::join_all(publishes).await;
+        let mut pending = Vec::with_capacity(published.len());
+        for ((i, id), published) in named.into_iter().zip(published) {
             match published {
                 Ok(confirm) => pending.push((i, id, confirm)),
                 Err(e) => {

@@ -213,12 +213,9 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
     }
 
     /// The time an item queued now is counted from, if its retries have a
-    /// limit; no clock read otherwise.
+    /// limit.
     fn queued_at(&self) -> Option<tokio::time::Instant> {
-        self.inner
-            .retry
-            .give_up_after
-            .map(|_| tokio::time::Instant::now())
+        self.inner.retry.started()
     }
 
     fn push(&self, entry: Entry<T>) -> Result<()> {

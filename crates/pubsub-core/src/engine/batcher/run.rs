@@ -16,7 +16,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// lone send makes needs no queue, reply channel or result vectors.
     pub(super) async fn run_one(&self, item: T) -> Result<()> {
         let batch = std::slice::from_ref(&item);
-        let started = tokio::time::Instant::now();
+        let started = self.retry.started();
         let mut attempt = 0u32;
         loop {
             let e = match self.handler.handle(batch).await {
@@ -93,9 +93,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                     // ever.
                     Some(e) if e.is_temporary() && shutting_down => self.report(reply, Err(e)),
                     Some(e) if e.is_temporary() => {
-                        let gave_up =
-                            queued.and_then(|q| self.retry.give_up(q, wait, attempt + 1, &e));
-                        match gave_up {
+                        match self.retry.give_up(queued, wait, attempt + 1, &e) {
                             Some(g) => self.report(reply, Err(g)),
                             None => {
                                 last_error = Some(e);
