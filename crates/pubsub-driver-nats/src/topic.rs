@@ -1,0 +1,125 @@
+//! A topic is a subject that a JetStream stream captures.
+
+use std::any::Any;
+use std::fmt;
+use std::future::IntoFuture;
+
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::Subject;
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use pubsub_core::{Error, Result};
+
+use crate::{error, headers, topic_capabilities, DRIVER};
+
+/// The NATS JetStream topic driver: publishes to one subject and waits for
+/// JetStream's acknowledgement of each message.
+///
+/// [`pubsub_core::Topic::as_raw`] gives the `async_nats::jetstream::Context`
+/// (its `client()` is the connection). A before-send hook gets the outgoing
+/// `&mut async_nats::HeaderMap`, already holding the attributes and
+/// `Nats-Msg-Id`; an after-send hook gets JetStream's
+/// `async_nats::jetstream::publish::PublishAck`.
+pub struct NatsTopic {
+    js: jetstream::Context,
+    subject: Subject,
+}
+
+impl NatsTopic {
+    /// A topic publishing to `subject`. Whether a stream captures it is not
+    /// checked until the first send, which fails with `NotFound` if none
+    /// does.
+    pub fn new(js: jetstream::Context, subject: &str) -> Result<Self> {
+        if subject.is_empty() || subject.contains(char::is_whitespace) {
+            return Err(Error::invalid_argument(format!(
+                "{subject:?} is not a NATS subject to publish to"
+            )));
+        }
+        if subject.contains(['*', '>']) {
+            return Err(Error::invalid_argument(format!(
+                "{subject:?} holds a wildcard; a topic publishes to one subject"
+            )));
+        }
+        Ok(NatsTopic {
+            js,
+            subject: Subject::from(subject),
+        })
+    }
+
+    /// Queues one publish; the future it gives resolves with JetStream's ack.
+    async fn publish(&self, m: &OutgoingMessage) -> Result<PublishAckFuture> {
+        let mut headers = headers::to_headers(&m.attributes)?;
+        // JetStream drops a second publish with the same id within the
+        // stream's duplicate window, so a resend after a lost ack (the core
+        // retries with the same unique id) is stored once.
+        headers.insert(NATS_MESSAGE_ID, format!("{:032x}", m.unique_id()).as_str());
+        m.run_before_send(&mut headers)?;
+        let publish = PublishMessage::build()
+            .payload(m.body.clone())
+            .headers(headers);
+        self.js
+            .send_publish(self.subject.clone(), publish)
+            .await
+            .map_err(error::publish)
+    }
+}
+
+impl fmt::Debug for NatsTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsTopic")
+            .field("subject", &self.subject.as_str())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl driver::Topic for NatsTopic {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        self.subject.as_str()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        topic_capabilities(&self.js.client())
+    }
+
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        // Every publish is queued before any ack is awaited, so a batch
+        // costs one round trip, not one a message.
+        let mut acks = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            match self.publish(m).await {
+                Ok(ack) => acks.push(ack.into_future().map(move |r| (i, r))),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        for (i, r) in futures_util::future::join_all(acks).await {
+            let outcome = r
+                .map_err(error::publish)
+                .and_then(|ack: PublishAck| batch[i].run_after_send(&ack));
+            if let Err(e) = outcome {
+                failed.push((i, e));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else if failed.len() == batch.len() && batch.len() == 1 {
+            Err(BatchError::All(failed.pop().expect("one").1))
+        } else {
+            failed.sort_by_key(|(i, _)| *i);
+            Err(BatchError::Items(failed))
+        }
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.js)
+    }
+}
