@@ -5,9 +5,11 @@ use std::fmt;
 use std::future::IntoFuture;
 
 use async_nats::header::NATS_MESSAGE_ID;
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream;
+use async_nats::jetstream::context::{
+    GetStreamByNameErrorKind, PublishAckFuture, PublishErrorKind,
+};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::Subject;
 use async_trait::async_trait;
 use futures_util::FutureExt;
@@ -68,6 +70,29 @@ impl NatsTopic {
     }
 }
 
+impl NatsTopic {
+    /// Whether JetStream knows a stream that captures the subject, asked
+    /// after a publish found no responder. Right after a server start
+    /// JetStream answers publishes before it has loaded its streams, and
+    /// that "no responder" is not the application's missing stream.
+    /// Anything but a definite "none" counts as yes (temporary).
+    async fn stream_exists(&self) -> bool {
+        !matches!(
+            self.js.stream_by_subject(self.subject.as_str()).await,
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound
+        )
+    }
+}
+
+/// A "no responder" for a subject a stream does capture.
+fn no_responder_yet(e: Error) -> Error {
+    Error::unavailable(format!(
+        "JetStream did not take the publish although a stream captures the subject \
+         (it may be starting): {e}"
+    ))
+    .with_context("driver", DRIVER)
+}
+
 impl fmt::Debug for NatsTopic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsTopic")
@@ -101,13 +126,26 @@ impl driver::Topic for NatsTopic {
                 Err(e) => failed.push((i, e)),
             }
         }
+        let mut unanswered = Vec::new();
         for (i, r) in futures_util::future::join_all(acks).await {
-            let outcome = r
-                .map_err(error::publish)
-                .and_then(|ack: PublishAck| batch[i].run_after_send(&ack));
+            let outcome = match r {
+                Ok(ack) => batch[i].run_after_send(&ack),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    unanswered.push((i, e));
+                    continue;
+                }
+                Err(e) => Err(error::publish(e)),
+            };
             if let Err(e) = outcome {
                 failed.push((i, e));
             }
+        }
+        if !unanswered.is_empty() {
+            let temporary = self.stream_exists().await;
+            failed.extend(unanswered.into_iter().map(|(i, e)| {
+                let e = error::publish(e);
+                (i, if temporary { no_responder_yet(e) } else { e })
+            }));
         }
         if failed.is_empty() {
             Ok(())

@@ -426,7 +426,11 @@ impl driver::Subscription for RedisSubscription {
         c.ack_deadline = Some(self.config.ack_deadline);
         c.fan_out = true;
         c.max_message_bytes = Some(DEFAULT_MAX_MESSAGE_BYTES);
-        c.ack_batching = BatchLimits::new(1000, 4);
+        // XACK of a few hundred ids costs Redis little more than of one;
+        // two in flight keep up with any receive rate, and bound what a
+        // lost connection can leave acked by the application but not by
+        // Redis (redelivered later).
+        c.ack_batching = BatchLimits::new(500, 2);
         c.max_receive_batch = self.config.batch.max(1);
         // One blocking reader a subscription.
         c.max_concurrent_receives = 1;
