@@ -94,6 +94,10 @@ fn registry() -> Registry {
     pubsub_driver_amqp::register(&registry);
     #[cfg(feature = "kafka")]
     pubsub_driver_kafka::register(&registry);
+    #[cfg(feature = "nats")]
+    pubsub_driver_nats::register(&registry);
+    #[cfg(feature = "redis")]
+    pubsub_driver_redis::register(&registry);
     registry
 }
 

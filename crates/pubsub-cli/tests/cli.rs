@@ -70,7 +70,7 @@ fn unknown_scheme_fails_with_the_registered_ones() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
     assert!(
-        err.contains("registered schemes: kafka, mem, rabbit"),
+        err.contains("registered schemes: kafka, mem, nats, rabbit, redis"),
         "{err}"
     );
 }
@@ -94,7 +94,12 @@ fn missing_arguments_exit_with_usage() {
 /// A round trip through RabbitMQ: the CLI sends, then receives as JSON.
 /// Sends `body` with the attribute `k=v` through the CLI, then receives one
 /// message as JSON and returns it. `env` points the CLI at the broker.
-#[cfg(any(feature = "amqp", feature = "kafka"))]
+#[cfg(any(
+    feature = "amqp",
+    feature = "kafka",
+    feature = "nats",
+    feature = "redis"
+))]
 fn send_then_receive_json(
     env: (&str, &str),
     send_url: &str,
@@ -208,5 +213,83 @@ fn kafka_send_then_receive_json() {
         "hi kafka",
     );
     assert_eq!(line["body"], "hi kafka");
+    assert_eq!(line["attributes"]["k"], "v");
+}
+
+/// A round trip through Redis: a stream and a group made here, the CLI
+/// sends to the stream and reads it in the group.
+#[cfg(feature = "redis")]
+#[test]
+fn redis_send_then_receive_json() {
+    use pubsub_driver_redis::redis;
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let stream = format!("cli-{:08x}", std::process::id());
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .expect("Redis must be running: scripts/backends up");
+    redis::pipe()
+        .cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("$")
+        .arg("MKSTREAM")
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&stream)
+        .arg(600)
+        .ignore()
+        .query::<()>(&mut conn)
+        .unwrap();
+    let line = send_then_receive_json(
+        ("REDIS_URL", &url),
+        &format!("redis://{stream}"),
+        &format!("redis://{stream}?group=g"),
+        "hi redis",
+    );
+    assert_eq!(line["body"], "hi redis");
+    assert_eq!(line["attributes"]["k"], "v");
+}
+
+/// A round trip through NATS JetStream: a stream and a durable consumer
+/// made here, the CLI publishes to the subject and pulls from the consumer.
+#[cfg(feature = "nats")]
+#[test]
+fn nats_send_then_receive_json() {
+    use pubsub_driver_nats::async_nats::jetstream::{self, consumer, stream};
+    let url =
+        std::env::var("NATS_SERVER_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let name = format!("cli-{:08x}", std::process::id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = pubsub_driver_nats::async_nats::connect(&url)
+            .await
+            .expect("NATS must be running: scripts/backends up");
+        let js = jetstream::new(client);
+        let s = js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![name.clone()],
+                storage: stream::StorageType::Memory,
+                max_age: std::time::Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        s.create_consumer(consumer::pull::Config {
+            durable_name: Some("c".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let line = send_then_receive_json(
+        ("NATS_SERVER_URL", &url),
+        &format!("nats://{name}"),
+        &format!("nats://{name}?consumer=c"),
+        "hi nats",
+    );
+    assert_eq!(line["body"], "hi nats");
     assert_eq!(line["attributes"]["k"], "v");
 }
