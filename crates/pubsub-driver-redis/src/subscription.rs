@@ -345,27 +345,13 @@ impl RedisSubscription {
         .map_err(BatchError::All)
     }
 
-    /// `XCLAIM ... JUSTID` of entries this consumer holds: resets their idle
-    /// time (to `idle_ms`, or to now), which restarts or ends their ack
-    /// deadline, without counting a delivery.
-    async fn touch(&self, ids: Vec<String>, idle_ms: Option<u64>) -> Result<(), BatchError> {
-        let mut conn = self.connector.connection()?;
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&self.stream)
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg(0);
-        for id in &ids {
-            cmd.arg(id);
+    fn toucher(&self) -> Toucher {
+        Toucher {
+            connector: self.connector.clone(),
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            consumer: self.consumer.clone(),
         }
-        if let Some(ms) = idle_ms {
-            cmd.arg("IDLE").arg(ms);
-        }
-        cmd.arg("JUSTID");
-        cmd.query_async::<Value>(&mut conn)
-            .await
-            .map_err(|e| BatchError::All(error::map(e, "XCLAIM")))?;
-        Ok(())
     }
 
     /// Deletes this consumer from the group if it holds nothing, so groups
@@ -472,7 +458,10 @@ impl driver::Subscription for RedisSubscription {
     fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
         Settlement::later(async move {
             let ids = Self::entry_ids(nacks.iter().map(|n| &n.ack_id))?;
-            self.touch(ids, Some(NACKED_IDLE_MS)).await?;
+            self.toucher()
+                .touch(&ids, Some(NACKED_IDLE_MS))
+                .await
+                .map_err(BatchError::All)?;
             self.nacked.store(true, Ordering::Release);
             Ok(())
         })
@@ -480,26 +469,21 @@ impl driver::Subscription for RedisSubscription {
 
     async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {
         let ids = Self::entry_ids(ids.iter())?;
-        self.touch(ids.clone(), None).await?;
+        let toucher = self.toucher();
+        toucher.touch(&ids, None).await.map_err(BatchError::All)?;
         // An entry's idle time can only be reset to now, which buys one ack
         // deadline; a longer extension resets it again every half deadline
         // until `by` is covered or the subscription closes. Harmless for an
         // entry acked meanwhile: XCLAIM skips entries no longer pending.
         let deadline = self.config.ack_deadline;
         if by > deadline {
-            let me = Toucher {
-                connector: self.connector.clone(),
-                stream: self.stream.clone(),
-                group: self.group.clone(),
-                consumer: self.consumer.clone(),
-                closed: self.closed.clone(),
-            };
+            let closed = self.closed.clone();
             tokio::spawn(async move {
                 let start = Instant::now();
                 let mut covered = deadline;
                 while covered < by {
                     tokio::time::sleep_until(start + covered - deadline / 2).await;
-                    if me.closed.load(Ordering::Acquire) || me.touch(&ids).await.is_err() {
+                    if closed.load(Ordering::Acquire) || toucher.touch(&ids, None).await.is_err() {
                         return;
                     }
                     covered += deadline / 2;
@@ -523,25 +507,30 @@ impl driver::Subscription for RedisSubscription {
     }
 }
 
-/// What a background lease-extension task needs.
+/// `XCLAIM ... JUSTID` of entries for this consumer: resets their idle
+/// time (to `idle_ms`, or to now), which restarts or ends their ack
+/// deadline, without counting a delivery. Owned, so a background
+/// lease-extension task can keep one.
 struct Toucher {
     connector: Connector,
     stream: String,
     group: String,
     consumer: String,
-    closed: Arc<AtomicBool>,
 }
 
 impl Toucher {
-    async fn touch(&self, ids: &[String]) -> Result<()> {
+    async fn touch(&self, ids: &[String], idle_ms: Option<u64>) -> Result<()> {
         let mut conn = self.connector.connection()?;
-        redis::cmd("XCLAIM")
-            .arg(&self.stream)
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.stream)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(0)
-            .arg(ids)
-            .arg("JUSTID")
+            .arg(ids);
+        if let Some(ms) = idle_ms {
+            cmd.arg("IDLE").arg(ms);
+        }
+        cmd.arg("JUSTID")
             .query_async::<Value>(&mut conn)
             .await
             .map_err(|e| error::map(e, "XCLAIM"))?;
