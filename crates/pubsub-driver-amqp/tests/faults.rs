@@ -1,23 +1,29 @@
 //! Fault tests: 10,000 messages sent by several tasks while the broker
-//! connection is forcibly closed, or while RabbitMQ is stopped and started.
-//! Every message whose `send` succeeded must be received at least once.
+//! connection is forcibly closed, while RabbitMQ is stopped and started, or
+//! while a proxy between driver and broker cuts every connection. Every
+//! message whose `send` succeeded must be received at least once;
+//! duplicates are counted and bounded.
 //!
-//! They drive the broker with `rabbitmqctl`, so they run one at a time.
+//! They disturb the broker with `rabbitmqctl`, so they run one at a time.
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::Admin;
-use pubsub_core::{Message, Subscription, Topic};
-use pubsub_driver_amqp::{open_subscription, open_topic, SubscriptionConfig, TopicConfig};
+use pubsub_conformance::faults::{faults_lose_nothing, FaultProxy};
+use pubsub_driver_amqp::{
+    open_subscription, open_topic, Connector, SubscriptionConfig, TopicConfig,
+};
 
-const SENDERS: u64 = 5;
-const PER_SENDER: u64 = 2_000;
-const TOTAL: u64 = SENDERS * PER_SENDER;
+const SENDERS: usize = 5;
+const PER_SENDER: usize = 2_000;
+const SETTLE: Duration = Duration::from_secs(120);
+
+type Fault = Box<dyn FnMut(u32) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// Serializes the tests of this file: each disturbs the whole broker.
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -48,168 +54,82 @@ impl Drop for StartAppOnDrop {
     }
 }
 
-struct Run {
-    topic: Topic,
-    sub: Subscription,
-    sent: Arc<AtomicU64>,
-    confirmed: Arc<Mutex<Vec<String>>>,
-    received: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-async fn setup(name: &str) -> Run {
+/// Declares an exchange and queue on the broker and runs the faults through
+/// topic and subscription drivers on `through`.
+async fn run(name: &str, through: Option<&Connector>, fault: Fault) {
     let admin = Admin::connect().await.unwrap_or_else(|e| panic!("{e}"));
     let x = format!("fault-{name}-{:08x}", fastrand::u32(..));
     let q = format!("{x}-q");
     admin.exchange(&x).await.unwrap();
     admin.queue(&x, &q).await.unwrap();
-    let topic = open_topic(
-        &admin.connector,
-        &x,
-        TopicConfig::default(),
-        Default::default(),
-    )
-    .unwrap();
+    let connector = through.unwrap_or(&admin.connector);
+    let topic = open_topic(connector, &x, TopicConfig::default(), Default::default()).unwrap();
     let sub = open_subscription(
-        &admin.connector,
+        connector,
         &q,
         SubscriptionConfig::default(),
         Default::default(),
     )
     .unwrap();
-    Run {
-        topic,
-        sub,
-        sent: Arc::default(),
-        confirmed: Arc::default(),
-        received: Arc::default(),
-    }
-}
-
-impl Run {
-    /// Starts the senders (paced so the faults land mid-stream) and one
-    /// receiver; returns their tasks.
-    fn start(&self) -> (tokio::task::JoinSet<()>, tokio::task::JoinHandle<()>) {
-        let mut senders = tokio::task::JoinSet::new();
-        for s in 0..SENDERS {
-            let topic = self.topic.clone();
-            let sent = self.sent.clone();
-            let confirmed = self.confirmed.clone();
-            senders.spawn(async move {
-                for i in 0..PER_SENDER {
-                    let body = format!("{s}-{i}");
-                    match topic.send(Message::new(body.clone())).await {
-                        Ok(()) => confirmed.lock().unwrap().push(body),
-                        Err(e) => eprintln!("send {body} failed: {e}"),
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    // Paced, so the faults land while sending even when rabbitmqctl is slow.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            });
-        }
-        let sub = self.sub.clone();
-        let received = self.received.clone();
-        let receiver = tokio::spawn(async move {
-            loop {
-                match sub.receive().await {
-                    Ok(m) => {
-                        let body = String::from_utf8(m.body().to_vec()).unwrap();
-                        *received.lock().unwrap().entry(body).or_default() += 1;
-                        m.ack();
-                    }
-                    Err(_) if sub.is_shut_down() => return,
-                    Err(e) => panic!("receive failed for good: {e}"),
-                }
-            }
-        });
-        (senders, receiver)
-    }
-
-    async fn wait_sent(&self, n: u64) {
-        while self.sent.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for every confirmed message, then reports and checks.
-    async fn finish(
-        self,
-        what: &str,
-        mut senders: tokio::task::JoinSet<()>,
-        receiver: tokio::task::JoinHandle<()>,
-    ) {
-        while let Some(r) = senders.join_next().await {
-            r.expect("sender");
-        }
-        let confirmed = self.confirmed.lock().unwrap().clone();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let missing = {
-                let got = self.received.lock().unwrap();
-                confirmed.iter().filter(|b| !got.contains_key(*b)).count()
-            };
-            if missing == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {missing} of {} confirmed messages never arrived",
-                confirmed.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        self.sub.shutdown().await.expect("subscription shutdown");
-        receiver.await.expect("receiver");
-        self.topic.shutdown().await.expect("topic shutdown");
-        let got = self.received.lock().unwrap();
-        let duplicates: usize = got.values().map(|c| c - 1).sum();
-        println!(
-            "{what}: {} of {TOTAL} sends confirmed, all {} received at least once; {duplicates} duplicate deliveries",
-            confirmed.len(),
-            confirmed.len()
-        );
-        assert_eq!(
-            confirmed.len() as u64,
-            TOTAL,
-            "the core retries through the outage, so every send succeeds"
-        );
-    }
+    faults_lose_nothing(topic, sub, SENDERS, PER_SENDER, SETTLE, fault).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_forcibly_closed_twice_lose_no_confirmed_message() {
     let _serial = BROKER.lock().await;
-    let run = setup("close").await;
-    let (senders, receiver) = run.start();
-    for at in [TOTAL / 4, TOTAL / 2] {
-        run.wait_sent(at).await;
-        rabbitmqctl(&["close_all_connections", "fault test: forced close"]).await;
-        let sent = run.sent.load(Ordering::Relaxed);
-        assert!(
-            sent < TOTAL,
-            "the close must land while sending ({sent} sent)"
-        );
-        println!("closed every connection after {sent} sends");
-    }
-    run.finish("forced closes", senders, receiver).await;
+    let fault: Fault = Box::new(|_| {
+        Box::pin(rabbitmqctl(&[
+            "close_all_connections",
+            "fault test: forced close",
+        ]))
+    });
+    run("close", None, fault).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_stopped_and_restarted_loses_no_confirmed_message() {
+async fn broker_stopped_and_restarted_twice_loses_no_confirmed_message() {
     let _serial = BROKER.lock().await;
-    let run = setup("restart").await;
-    let (senders, receiver) = run.start();
-    run.wait_sent(TOTAL / 4).await;
     let _restart = StartAppOnDrop;
-    rabbitmqctl(&["stop_app"]).await;
-    let sent = run.sent.load(Ordering::Relaxed);
-    println!("RabbitMQ stopped after {sent} sends");
-    assert!(
-        sent < TOTAL,
-        "the stop must land while sending ({sent} sent)"
+    let fault: Fault = Box::new(|k| {
+        Box::pin(async move {
+            rabbitmqctl(&["stop_app"]).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rabbitmqctl(&["start_app"]).await;
+            println!("RabbitMQ restarted ({k})");
+        })
+    });
+    run("restart", None, fault).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_twice_through_a_proxy_lose_no_confirmed_message() {
+    let _serial = BROKER.lock().await;
+    let url = pubsub_core::Url::parse(&common::server_url()).expect("RABBIT_SERVER_URL is a URL");
+    let upstream = (
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5672),
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]).await;
-    println!("RabbitMQ started again");
-    run.finish("broker restart", senders, receiver).await;
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("RabbitMQ's address resolves");
+    let proxy = Arc::new(FaultProxy::start(upstream).await.expect("proxy"));
+    let mut through = url.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let connector = Connector::new(through.as_str()).unwrap();
+    let p = proxy.clone();
+    let fault: Fault = Box::new(move |_| {
+        let p = p.clone();
+        Box::pin(async move {
+            println!("cutting {} connections", p.open_connections());
+            p.cut();
+        })
+    });
+    run("cut", Some(&connector), fault).await;
+    assert!(
+        proxy.accepted() >= 3,
+        "the driver reconnected after each cut"
+    );
 }
