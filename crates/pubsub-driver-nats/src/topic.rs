@@ -76,6 +76,16 @@ impl NatsTopic {
     /// JetStream answers publishes before it has loaded its streams, and
     /// that "no responder" is not the application's missing stream.
     /// Anything but a definite "none" counts as yes (temporary).
+    async fn ack_error(&self, e: async_nats::jetstream::context::PublishError) -> Error {
+        let unanswered = e.kind() == PublishErrorKind::StreamNotFound;
+        let e = error::publish(e);
+        if unanswered && self.stream_exists().await {
+            no_responder_yet(e)
+        } else {
+            e
+        }
+    }
+
     async fn stream_exists(&self) -> bool {
         !matches!(
             self.js.stream_by_subject(self.subject.as_str()).await,
@@ -116,6 +126,14 @@ impl driver::Topic for NatsTopic {
     }
 
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        if let [m] = batch {
+            // A lone send (the common case with few senders) skips the
+            // batch's bookkeeping.
+            return match self.publish(m).await?.await {
+                Ok(ack) => m.run_after_send(&ack).map_err(Into::into),
+                Err(e) => Err(self.ack_error(e).await.into()),
+            };
+        }
         let mut failed = Vec::new();
         // Every publish is queued before any ack is awaited, so a batch
         // costs one round trip, not one a message.
@@ -141,6 +159,7 @@ impl driver::Topic for NatsTopic {
             }
         }
         if !unanswered.is_empty() {
+            // One lookup for all of them.
             let temporary = self.stream_exists().await;
             failed.extend(unanswered.into_iter().map(|(i, e)| {
                 let e = error::publish(e);
@@ -149,8 +168,6 @@ impl driver::Topic for NatsTopic {
         }
         if failed.is_empty() {
             Ok(())
-        } else if failed.len() == batch.len() && batch.len() == 1 {
-            Err(BatchError::All(failed.pop().expect("one").1))
         } else {
             failed.sort_by_key(|(i, _)| *i);
             Err(BatchError::Items(failed))

@@ -96,6 +96,23 @@ impl RedisTopic {
     }
 }
 
+impl RedisTopic {
+    /// What one `XADD` reply means for its message.
+    fn outcome(&self, m: &OutgoingMessage, reply: Value) -> Result<()> {
+        match reply {
+            Value::BulkString(id) => m.run_after_send(&String::from_utf8_lossy(&id).into_owned()),
+            Value::SimpleString(id) => m.run_after_send(&id),
+            Value::Nil => Err(Error::not_found(format!(
+                "stream {:?} does not exist (create it, or set TopicConfig::create_stream)",
+                self.stream
+            ))
+            .with_context("driver", DRIVER)),
+            Value::ServerError(e) => Err(error::map(e.into(), "XADD")),
+            _ => Err(Error::internal("unexpected reply from Redis to XADD")),
+        }
+    }
+}
+
 impl fmt::Debug for RedisTopic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTopic")
@@ -126,6 +143,17 @@ impl driver::Topic for RedisTopic {
     }
 
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        if let [m] = batch {
+            // A lone send (the common case with few senders) is one
+            // command, not a pipeline of one.
+            let cmd = self.command(m)?;
+            let mut conn = self.connector.connection()?;
+            let reply: Value = cmd
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| error::map(e, "XADD"))?;
+            return self.outcome(m, reply).map_err(Into::into);
+        }
         let mut failed = Vec::new();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -149,29 +177,13 @@ impl driver::Topic for RedisTopic {
                 return Err(Error::internal("Redis answered a pipeline short").into());
             }
             for (i, reply) in sent.into_iter().zip(replies) {
-                let outcome = match reply {
-                    Value::BulkString(id) => {
-                        let id = String::from_utf8_lossy(&id).into_owned();
-                        batch[i].run_after_send(&id)
-                    }
-                    Value::SimpleString(id) => batch[i].run_after_send(&id),
-                    Value::Nil => Err(Error::not_found(format!(
-                        "stream {:?} does not exist (create it, or set TopicConfig::create_stream)",
-                        self.stream
-                    ))
-                    .with_context("driver", DRIVER)),
-                    Value::ServerError(e) => Err(error::map(e.into(), "XADD")),
-                    _ => Err(Error::internal("unexpected reply from Redis to XADD")),
-                };
-                if let Err(e) = outcome {
+                if let Err(e) = self.outcome(&batch[i], reply) {
                     failed.push((i, e));
                 }
             }
         }
         if failed.is_empty() {
             Ok(())
-        } else if batch.len() == 1 {
-            Err(BatchError::All(failed.pop().expect("one").1))
         } else {
             failed.sort_by_key(|(i, _)| *i);
             Err(BatchError::Items(failed))
