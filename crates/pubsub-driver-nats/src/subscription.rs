@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use pubsub_core::driver::{
-    self, AckId, BatchError, Capabilities, Nacked, ReceivedMessage, Settlement,
+    self, AckId, BatchError, Capabilities, Deliveries, Nacked, ReceivedMessage, Settlement,
 };
 use pubsub_core::{Error, ErrorKind, Result};
 use tokio::sync::Mutex;
@@ -203,28 +203,20 @@ impl NatsSubscription {
             .map_err(|e| error::create(e.into()))
     }
 
+    /// The message keeps the JetStream message as its ack id (one shared
+    /// allocation); its id and raw form are built from it only if the
+    /// application asks (see [`Lazy`]).
     fn to_message(&self, m: jetstream::Message) -> Result<ReceivedMessage> {
-        let Some(reply) = m.message.reply.clone() else {
+        if m.message.reply.is_none() {
             return Err(Error::internal(
                 "a JetStream message without a reply subject",
             ));
-        };
-        let info = m.info().ok();
-        let delivered = info.as_ref().and_then(|i| u32::try_from(i.delivered).ok());
-        let headers = m.message.headers.as_ref();
-        // The stream position stands in for an id only where the publisher
-        // gave none: formatting it for every message costs a receive a
-        // tenth of its time.
-        let id = match (headers.and_then(|h| h.get(NATS_MESSAGE_ID)), info) {
-            (Some(v), _) => v.as_str().to_owned(),
-            (None, Some(i)) => format!("{}:{}", i.stream, i.stream_sequence),
-            (None, None) => String::new(),
-        };
+        }
+        let delivered = m.info().ok().and_then(|i| u32::try_from(i.delivered).ok());
         let body: Bytes = m.message.payload.clone();
-        let attributes = headers::from_headers(headers);
-        let mut r = ReceivedMessage::new(body, attributes, id, AckId::new(reply));
+        let attributes = headers::from_headers(m.message.headers.as_ref());
+        let mut r = ReceivedMessage::describe_lazily(body, attributes, AckId::new(m), (0, 0));
         r.delivery_attempt = delivered;
-        r.raw = Some(Box::new(m));
         Ok(r)
     }
 
@@ -239,7 +231,7 @@ impl NatsSubscription {
         let payload = Bytes::from(kind);
         let mut failed = Vec::new();
         for (i, id) in ids.enumerate() {
-            let Some(reply) = id.downcast_ref::<Subject>() else {
+            let Some(reply) = reply_of(id) else {
                 failed.push((i, Error::invalid_argument("not a JetStream delivery")));
                 continue;
             };
@@ -252,6 +244,50 @@ impl NatsSubscription {
         } else {
             Err(BatchError::Items(failed))
         }
+    }
+}
+
+/// The reply subject acks go to, of a delivery this driver returned.
+fn reply_of(id: &AckId) -> Option<&Subject> {
+    id.downcast_ref::<jetstream::Message>()?
+        .message
+        .reply
+        .as_ref()
+}
+
+/// Builds a delivery's id and raw form from the JetStream message its ack
+/// id holds, when asked: a receive that nobody asks about allocates
+/// neither the id string nor the box.
+struct Lazy;
+
+impl Deliveries for Lazy {
+    fn describe_id(&self, ack_id: &AckId, _at: (i64, i64)) -> String {
+        let Some(m) = ack_id.downcast_ref::<jetstream::Message>() else {
+            return String::new();
+        };
+        // The publisher's id where it gave one, else the stream position.
+        match m
+            .message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(NATS_MESSAGE_ID))
+        {
+            Some(v) => v.as_str().to_owned(),
+            None => m
+                .info()
+                .map(|i| format!("{}:{}", i.stream, i.stream_sequence))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn describe_raw(
+        &self,
+        ack_id: &AckId,
+        _at: (i64, i64),
+        _ordering_key: Option<&str>,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        let m = ack_id.downcast_ref::<jetstream::Message>()?;
+        Some(Box::new(m.clone()))
     }
 }
 
@@ -332,10 +368,7 @@ impl driver::Subscription for NatsSubscription {
         // closes): harmless for a delivery acked meanwhile.
         self.reply_all(ids.iter(), AckKind::Progress).await?;
         if by > self.ack_wait {
-            let replies: Vec<Subject> = ids
-                .iter()
-                .filter_map(|id| id.downcast_ref::<Subject>().cloned())
-                .collect();
+            let replies: Vec<Subject> = ids.iter().filter_map(|id| reply_of(id).cloned()).collect();
             let (client, closed, ack_wait) =
                 (self.client.clone(), self.closed.clone(), self.ack_wait);
             tokio::spawn(async move {
@@ -377,5 +410,9 @@ impl driver::Subscription for NatsSubscription {
 
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
         Some(&self.js)
+    }
+
+    fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {
+        Some(Arc::new(Lazy))
     }
 }
