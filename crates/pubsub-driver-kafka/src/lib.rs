@@ -2,10 +2,14 @@
 //!
 //! URLs, as the Go CDK's Kafka driver takes them:
 //! - topic `kafka://TOPIC[?key_name=ATTR]`: with `key_name`, each message's
-//!   key is its `ATTR` attribute; otherwise its ordering key;
-//! - subscription `kafka://GROUP?topic=T[&topic=T2][&offset=oldest|newest]`:
+//!   key is its `ATTR` attribute, which is not also sent as a header (as in
+//!   the Go CDK); otherwise its ordering key;
+//! - subscription `kafka://GROUP?topic=T[&topic=T2][&offset=oldest|newest][&key_name=ATTR]`:
 //!   a consumer in consumer group `GROUP`; `offset` says where a group with
-//!   no committed offsets starts (default `newest`).
+//!   no committed offsets starts (default `newest`); with `key_name`, each
+//!   record's key (when not empty) becomes its `ATTR` attribute, so a Go
+//!   service's keyed messages keep that attribute (the Go CDK takes this
+//!   option in code only, not in the URL).
 //!
 //! The brokers come from `KAFKA_BROKERS`; [`KafkaConfig`] takes them, any
 //! librdkafka setting (`session.timeout.ms`, SASL...) or an rdkafka
@@ -238,6 +242,7 @@ impl Opener for KafkaOpener {
                 ("topic", _) => topics.push(v),
                 ("offset", "oldest") => config.offset = StartOffset::Oldest,
                 ("offset", "newest") => config.offset = StartOffset::Newest,
+                ("key_name", _) if !v.is_empty() => config.key_name = Some(v),
                 ("offset", _) => {
                     return Err(Error::invalid_argument(format!(
                         "offset must be oldest or newest, not {v:?}"
@@ -245,7 +250,7 @@ impl Opener for KafkaOpener {
                 }
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown kafka:// subscription URL parameter {k:?}; known: topic, offset"
+                        "unknown kafka:// subscription URL parameter {k:?}; known: key_name, offset, topic"
                     )))
                 }
             }

@@ -57,9 +57,20 @@ pub enum StartOffset {
 pub struct SubscriptionConfig {
     /// Where a group with no committed offsets starts.
     pub offset: StartOffset,
+    /// Store each record's key (when not empty) in this attribute: the
+    /// counterpart of [`TopicConfig::key_name`](crate::TopicConfig::key_name),
+    /// as the Go CDK's `SubscriptionOptions.KeyName`. The key is the
+    /// message's ordering key either way.
+    pub key_name: Option<String>,
 }
 
 impl SubscriptionConfig {
+    /// Sets the attribute that gets each record's key.
+    pub fn with_key_name(mut self, attr: impl Into<String>) -> Self {
+        self.key_name = Some(attr.into());
+        self
+    }
+
     /// Sets where a new group starts.
     pub fn with_offset(mut self, offset: StartOffset) -> Self {
         self.offset = offset;
@@ -377,6 +388,7 @@ pub struct KafkaSubscription {
     subscribed: AtomicBool,
     subscribe_lock: tokio::sync::Mutex<()>,
     settings: KafkaConfig,
+    key_name: Option<String>,
 }
 
 impl KafkaSubscription {
@@ -429,6 +441,7 @@ impl KafkaSubscription {
             subscribed: AtomicBool::new(false),
             subscribe_lock: tokio::sync::Mutex::new(()),
             settings: settings.clone(),
+            key_name: config.key_name,
         })
     }
 
@@ -513,6 +526,11 @@ impl KafkaSubscription {
         let ack = AckId::from_u64_pair(UNTRACKED, m.offset() as u64);
         let at = describe_at(m.timestamp(), topic, m.partition());
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        if let (Some(attr), Some(k)) = (&self.key_name, &key) {
+            if !k.is_empty() {
+                attributes.insert(attr.clone(), k.clone());
+            }
+        }
         // Released before the message handed out is built: releasing it
         // decrements an atomic count, which waits for every store before it,
         // the 176 bytes of a message built first included.

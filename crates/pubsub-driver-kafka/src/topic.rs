@@ -18,8 +18,9 @@ use crate::{capabilities, error, topic_exists, KafkaConfig, DRIVER};
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct TopicConfig {
-    /// Take each message's key from this attribute (as the Go CDK's
-    /// `key_name`). Without it, the ordering key is the key.
+    /// Take each message's key from this attribute, which is then not also
+    /// sent as a header (as the Go CDK's `key_name`). Without it, the
+    /// ordering key is the key.
     pub key_name: Option<String>,
 }
 
@@ -101,9 +102,12 @@ impl KafkaTopic {
         };
         let mut r = OutgoingRecord {
             key,
+            // As in the Go CDK, the key attribute travels as the key alone;
+            // a subscription with the same `key_name` restores it.
             headers: m
                 .attributes
                 .iter()
+                .filter(|(k, _)| Some(*k) != self.config.key_name.as_ref())
                 .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
                 .collect(),
             partition: None,
