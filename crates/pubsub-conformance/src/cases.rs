@@ -19,8 +19,9 @@ pub const CASE_TIME_LIMIT: Duration = Duration::from_secs(120);
 /// The ack deadline of subscriptions in cases that do not test deadlines:
 /// long enough that nothing is redelivered by accident.
 const LONG_DEADLINE: Duration = Duration::from_secs(60);
-/// The ack deadline of subscriptions in cases that wait for redelivery.
-const SHORT_DEADLINE: Duration = Duration::from_secs(2);
+/// The ack deadline of subscriptions in cases that wait for redelivery,
+/// unless the backend's shortest is longer.
+pub const SHORT_DEADLINE: Duration = Duration::from_secs(2);
 /// How long to wait for a message that should arrive.
 const ARRIVAL: Duration = Duration::from_secs(30);
 
@@ -567,7 +568,7 @@ pub async fn shutdown_flushes_acks(h: &impl Harness) {
     let f = fixture(
         h,
         "flush-acks",
-        SHORT_DEADLINE,
+        h.short_ack_deadline(),
         TopicOptions::default(),
         SubscriptionOptions::default()
             .with_ack_batching(BatchOptions::default().with_min_batch_size(1000)),
@@ -585,7 +586,7 @@ pub async fn shutdown_flushes_acks(h: &impl Harness) {
     }
     f.sub.shutdown().await.expect("shutdown flushes acks");
     let again = open_sub(h.open_subscription(&f.sub_name).await.expect("reopen"));
-    expect_nothing(&again, SHORT_DEADLINE * 2).await;
+    expect_nothing(&again, h.short_ack_deadline() * 2).await;
     again.shutdown().await.expect("shutdown");
     f.topic.shutdown().await.expect("topic shutdown");
 }
@@ -774,7 +775,7 @@ pub async fn redelivered_after_ack_deadline(h: &impl Harness) {
     let f = fixture(
         h,
         "deadline",
-        SHORT_DEADLINE,
+        h.short_ack_deadline(),
         TopicOptions::default(),
         SubscriptionOptions::default().with_max_lease_extension(Duration::ZERO),
     )
@@ -782,10 +783,10 @@ pub async fn redelivered_after_ack_deadline(h: &impl Harness) {
     f.topic.send(Message::new("late")).await.expect("send");
     let held = recv(&f.sub, ARRIVAL).await;
     let started = tokio::time::Instant::now();
-    let again = recv(&f.sub, SHORT_DEADLINE * 10).await;
+    let again = recv(&f.sub, h.short_ack_deadline() * 10).await;
     assert_eq!(again.body().as_ref(), b"late");
     assert!(
-        started.elapsed() >= SHORT_DEADLINE / 2,
+        started.elapsed() >= h.short_ack_deadline() / 2,
         "redelivered too early: {:?}",
         started.elapsed()
     );
@@ -799,14 +800,14 @@ pub async fn held_message_lease_is_kept(h: &impl Harness) {
     let f = fixture(
         h,
         "lease-keeper",
-        SHORT_DEADLINE,
+        h.short_ack_deadline(),
         TopicOptions::default(),
         SubscriptionOptions::default(),
     )
     .await;
     f.topic.send(Message::new("held")).await.expect("send");
     let held = recv(&f.sub, ARRIVAL).await;
-    expect_nothing(&f.sub, SHORT_DEADLINE * 3).await;
+    expect_nothing(&f.sub, h.short_ack_deadline() * 3).await;
     held.ack();
     finish(f).await;
 }
@@ -816,15 +817,17 @@ pub async fn explicit_lease_extension(h: &impl Harness) {
     let f = fixture(
         h,
         "lease-explicit",
-        SHORT_DEADLINE,
+        h.short_ack_deadline(),
         TopicOptions::default(),
         SubscriptionOptions::default().with_max_lease_extension(Duration::ZERO),
     )
     .await;
     f.topic.send(Message::new("extended")).await.expect("send");
     let held = recv(&f.sub, ARRIVAL).await;
-    held.extend_lease(SHORT_DEADLINE * 4).await.expect("extend");
-    expect_nothing(&f.sub, SHORT_DEADLINE * 2).await;
+    held.extend_lease(h.short_ack_deadline() * 4)
+        .await
+        .expect("extend");
+    expect_nothing(&f.sub, h.short_ack_deadline() * 2).await;
     held.ack();
     finish(f).await;
 }

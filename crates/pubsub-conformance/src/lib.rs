@@ -84,6 +84,15 @@ pub trait Harness: Send + Sync + Sized + 'static {
         ack_deadline: Duration,
     ) -> Result<()>;
 
+    /// The shortest ack deadline the backend takes, for the cases that wait
+    /// for redelivery or for its absence: their subscriptions are created
+    /// with it, and their waits scale with it, so a backend with a long
+    /// minimum (Pub/Sub's is 10 s) does not pass them by waiting too
+    /// little.
+    fn short_ack_deadline(&self) -> Duration {
+        cases::SHORT_DEADLINE
+    }
+
     /// The driver of a topic that may or may not exist.
     async fn open_topic(&self, name: &str) -> Result<Arc<dyn driver::Topic>>;
 

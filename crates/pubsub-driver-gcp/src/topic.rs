@@ -1,0 +1,215 @@
+//! Topics: each batch the core hands over leaves as one Publish request.
+
+use std::any::Any;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use google_cloud_pubsub::client::{BasePublisher, Publisher};
+use google_cloud_pubsub::model::Message;
+use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage};
+use pubsub_core::{Error, Result};
+
+use crate::path::{full_path, Collection};
+
+/// Most messages in one Publish request.
+pub const MAX_SEND_BATCH: usize = 1000;
+/// Pub/Sub's limit on one Publish request.
+const MAX_REQUEST_BYTES: u32 = 10_000_000;
+/// Room for a request's framing and topic name, which
+/// [`OutgoingMessage::size`] does not count.
+const REQUEST_ROOM: usize = 4096;
+/// Largest message this driver sends, as [`OutgoingMessage::size`]
+/// counts it (data, attribute names and values, ordering key).
+pub const MAX_MESSAGE_BYTES: usize = MAX_REQUEST_BYTES as usize - REQUEST_ROOM;
+/// Pub/Sub's limits on attributes.
+const MAX_ATTRIBUTES: usize = 100;
+const MAX_ATTRIBUTE_KEY: usize = 256;
+const MAX_ATTRIBUTE_VALUE: usize = 1024;
+/// Long enough that the publisher never sends on a timer: batches leave
+/// when the driver lets go of them.
+const NEVER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How a topic publishes.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct TopicConfig {
+    /// Most messages in one Publish request, 1 to 1000 (the URL's
+    /// `max_send_batch_size`).
+    pub max_send_batch_size: usize,
+    /// Whether messages may carry ordering keys (the URL's `ordering`). As
+    /// with Google's own clients, a message with an ordering key is refused
+    /// with `InvalidArgument` by a topic without it.
+    pub message_ordering: bool,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            max_send_batch_size: MAX_SEND_BATCH,
+            message_ordering: false,
+        }
+    }
+}
+
+/// The driver side of a Pub/Sub topic.
+///
+/// [`pubsub_core::Topic::as_raw`] gives its
+/// [`google_cloud_pubsub::client::BasePublisher`]; a before-send hook gets
+/// the outgoing [`google_cloud_pubsub::model::Message`]; an after-send hook
+/// gets the message id Pub/Sub assigned, a `String`.
+#[derive(Debug)]
+pub struct GcpTopic {
+    client: BasePublisher,
+    path: String,
+    config: TopicConfig,
+}
+
+impl GcpTopic {
+    /// A topic named `projects/P/topics/T` or `P/T`, publishing through
+    /// `client`. Fails with `InvalidArgument` for a name Pub/Sub would
+    /// refuse; a topic that does not exist fails its first send.
+    pub fn new(client: BasePublisher, name: &str, config: TopicConfig) -> Result<Self> {
+        if !(1..=MAX_SEND_BATCH).contains(&config.max_send_batch_size) {
+            return Err(Error::invalid_argument(format!(
+                "max_send_batch_size must be between 1 and {MAX_SEND_BATCH}, not {}",
+                config.max_send_batch_size
+            )));
+        }
+        Ok(GcpTopic {
+            client,
+            path: full_path(name, Collection::Topics)?,
+            config,
+        })
+    }
+
+    /// The topic's full path, `projects/P/topics/T`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// A publisher for one batch. Its thresholds are all above what the
+    /// core hands over, so it never splits a batch or sends on a timer:
+    /// the batch leaves as one request (one a key) when the publisher is
+    /// dropped. It shares the client's channel.
+    fn batch_publisher(&self) -> Publisher {
+        self.client
+            .publisher(self.path.clone())
+            .set_message_count_threshold(MAX_SEND_BATCH as u32)
+            .set_byte_threshold(MAX_REQUEST_BYTES)
+            .set_delay_threshold(NEVER)
+            .build()
+    }
+
+    fn check(&self, m: &OutgoingMessage) -> Result<()> {
+        if m.ordering_key.as_deref().is_some_and(|k| !k.is_empty()) && !self.config.message_ordering
+        {
+            return Err(Error::invalid_argument(
+                "the message has an ordering key, and this topic was opened without message \
+                 ordering (TopicConfig::message_ordering, or ?ordering=true in its URL)",
+            ));
+        }
+        if m.body.is_empty() && m.attributes.is_empty() {
+            return Err(Error::invalid_argument(
+                "Pub/Sub refuses a message with neither data nor attributes",
+            ));
+        }
+        if m.attributes.len() > MAX_ATTRIBUTES {
+            return Err(Error::invalid_argument(format!(
+                "the message has {} attributes; Pub/Sub takes at most {MAX_ATTRIBUTES}",
+                m.attributes.len()
+            )));
+        }
+        for (k, v) in &m.attributes {
+            if k.len() > MAX_ATTRIBUTE_KEY || v.len() > MAX_ATTRIBUTE_VALUE {
+                return Err(Error::invalid_argument(format!(
+                    "Pub/Sub takes attribute names of at most {MAX_ATTRIBUTE_KEY} bytes and \
+                     values of at most {MAX_ATTRIBUTE_VALUE}; {:?}... has {} and {}",
+                    k.chars().take(32).collect::<String>(),
+                    k.len(),
+                    v.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn record(m: &OutgoingMessage) -> Result<Message> {
+        let mut record = Message::new()
+            .set_data(m.body.clone())
+            .set_attributes(m.attributes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(key) = &m.ordering_key {
+            record = record.set_ordering_key(key.clone());
+        }
+        m.run_before_send(&mut record)?;
+        Ok(record)
+    }
+}
+
+pub(crate) fn capabilities(config: &TopicConfig) -> Capabilities {
+    let mut c = Capabilities::default();
+    c.fan_out = true;
+    c.ordering_keys = config.message_ordering;
+    c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
+    // The Go CDK's limits: 1000 messages and 8 MB a request, two in
+    // flight; more in flight keep up with many concurrent senders.
+    c.send_batching = BatchLimits::new(config.max_send_batch_size, 4).with_max_bytes(8_000_000);
+    c
+}
+
+#[async_trait]
+impl driver::Topic for GcpTopic {
+    fn driver_name(&self) -> &'static str {
+        crate::DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        &self.path
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.config)
+    }
+
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        let publisher = self.batch_publisher();
+        let mut pending = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            match self.check(m).and_then(|()| Self::record(m)) {
+                Ok(record) => pending.push((i, publisher.publish(record))),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        // Dropping the last handle sends what it holds at once.
+        drop(publisher);
+        // Each batch has a publisher of its own, so a key the publisher
+        // pauses after a failure never holds up a later batch: the core's
+        // retry of this one goes out in order.
+        for (i, future) in pending {
+            match future.await {
+                Ok(id) => {
+                    if let Err(e) = batch[i].run_after_send(&id) {
+                        failed.push((i, e));
+                    }
+                }
+                Err(e) => failed.push((i, crate::error::publish(e))),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        if failed.len() == batch.len() {
+            if let Some(first) = failed.iter().map(|(_, e)| e.clone()).next() {
+                if failed.iter().all(|(_, e)| e.kind() == first.kind()) {
+                    return Err(BatchError::All(first));
+                }
+            }
+        }
+        failed.sort_by_key(|(i, _)| *i);
+        Err(BatchError::Items(failed))
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.client)
+    }
+}
