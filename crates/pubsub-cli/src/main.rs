@@ -98,6 +98,8 @@ fn registry() -> Registry {
     pubsub_driver_nats::register(&registry);
     #[cfg(feature = "redis")]
     pubsub_driver_redis::register(&registry);
+    #[cfg(feature = "gcp")]
+    pubsub_driver_gcp::register(&registry);
     registry
 }
 

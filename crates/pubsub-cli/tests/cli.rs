@@ -70,7 +70,7 @@ fn unknown_scheme_fails_with_the_registered_ones() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
     assert!(
-        err.contains("registered schemes: kafka, mem, nats, rabbit, redis"),
+        err.contains("registered schemes: gcppubsub, kafka, mem, nats, rabbit, redis"),
         "{err}"
     );
 }
@@ -98,7 +98,8 @@ fn missing_arguments_exit_with_usage() {
     feature = "amqp",
     feature = "kafka",
     feature = "nats",
-    feature = "redis"
+    feature = "redis",
+    feature = "gcp"
 ))]
 fn send_then_receive_json(
     env: (&str, &str),
@@ -249,6 +250,49 @@ fn redis_send_then_receive_json() {
         "hi redis",
     );
     assert_eq!(line["body"], "hi redis");
+    assert_eq!(line["attributes"]["k"], "v");
+}
+
+/// A round trip through Google's Pub/Sub emulator: a topic and a
+/// subscription made here, the CLI publishes to one and reads the other.
+#[cfg(feature = "gcp")]
+#[test]
+fn gcp_send_then_receive_json() {
+    use pubsub_driver_gcp::Endpoint;
+    let host =
+        std::env::var("PUBSUB_EMULATOR_HOST").unwrap_or_else(|_| "127.0.0.1:8085".to_owned());
+    let endpoint = Endpoint::Emulator(host.clone());
+    let name = format!("cli-{:08x}", std::process::id());
+    let (topic, sub) = (
+        format!("projects/pubsub-rs-test/topics/{name}"),
+        format!("projects/pubsub-rs-test/subscriptions/{name}"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let topics = pubsub_driver_gcp::topic_admin(&endpoint).await.unwrap();
+        topics
+            .create_topic()
+            .set_name(&topic)
+            .send()
+            .await
+            .expect("the Pub/Sub emulator must be running: scripts/backends up");
+        let subs = pubsub_driver_gcp::subscription_admin(&endpoint)
+            .await
+            .unwrap();
+        subs.create_subscription()
+            .set_name(&sub)
+            .set_topic(&topic)
+            .send()
+            .await
+            .unwrap();
+    });
+    let line = send_then_receive_json(
+        ("PUBSUB_EMULATOR_HOST", &host),
+        &format!("gcppubsub://{topic}"),
+        &format!("gcppubsub://pubsub-rs-test/{name}"),
+        "hi pubsub",
+    );
+    assert_eq!(line["body"], "hi pubsub");
     assert_eq!(line["attributes"]["k"], "v");
 }
 

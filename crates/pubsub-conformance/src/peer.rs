@@ -1,7 +1,7 @@
 //! Independent clients for interop tests: Python programs run in the
 //! virtualenv `scripts/backends up` installs them into (pika, nats-py,
-//! redis-py), so a driver is checked against a client not built on its own
-//! SDK.
+//! redis-py, google-cloud-pubsub), so a driver is checked against a client
+//! not built on its own SDK.
 
 use std::process::Stdio;
 
@@ -25,9 +25,21 @@ pub fn python(client: &str) -> String {
 /// what it printed; panics, with its stderr, if it fails. `client` names
 /// the peer in messages.
 pub async fn run(client: &str, script: &str, args: &[&str]) -> String {
+    run_with_env(client, script, args, &[]).await
+}
+
+/// [`run`] with these environment variables set for the peer (an
+/// emulator's address, say).
+pub async fn run_with_env(
+    client: &str,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> String {
     let out = tokio::process::Command::new(python(client))
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .await

@@ -1,6 +1,8 @@
 //! Topics: each batch the core hands over leaves as one Publish request.
 
 use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -62,6 +64,9 @@ pub struct GcpTopic {
     client: BasePublisher,
     path: String,
     config: TopicConfig,
+    /// Long-lived publishers for batches without ordering keys, by batch
+    /// size: each sends a request as soon as it holds that many messages.
+    sized: Mutex<HashMap<usize, Publisher>>,
 }
 
 impl GcpTopic {
@@ -79,6 +84,7 @@ impl GcpTopic {
             client,
             path: full_path(name, Collection::Topics)?,
             config,
+            sized: Mutex::new(HashMap::new()),
         })
     }
 
@@ -87,17 +93,33 @@ impl GcpTopic {
         &self.path
     }
 
-    /// A publisher for one batch. Its thresholds are all above what the
-    /// core hands over, so it never splits a batch or sends on a timer:
-    /// the batch leaves as one request (one a key) when the publisher is
-    /// dropped. It shares the client's channel.
-    fn batch_publisher(&self) -> Publisher {
+    /// A publisher that sends a request once it holds `count` messages and
+    /// never on a timer. Its bytes threshold is above what the core hands
+    /// over, so it never splits a batch.
+    fn publisher(&self, count: usize) -> Publisher {
         self.client
             .publisher(self.path.clone())
-            .set_message_count_threshold(MAX_SEND_BATCH as u32)
+            .set_message_count_threshold(count as u32)
             .set_byte_threshold(MAX_REQUEST_BYTES)
             .set_delay_threshold(NEVER)
             .build()
+    }
+
+    /// The publisher for a batch of `count` messages. Without ordering
+    /// keys, a long-lived one sized to the batch: it sends the batch as one
+    /// request when the last message is in, with no task to start (batches
+    /// in flight at once may share a request; each still gets its own
+    /// results). With ordering keys, one for this batch alone, which the
+    /// publisher splits by key: it sends what each key holds when dropped.
+    fn batch_publisher(&self, count: usize, keyed: bool) -> Publisher {
+        if keyed {
+            return self.publisher(MAX_SEND_BATCH);
+        }
+        let mut sized = self.sized.lock().unwrap_or_else(|p| p.into_inner());
+        sized
+            .entry(count)
+            .or_insert_with(|| self.publisher(count))
+            .clone()
     }
 
     fn check(&self, m: &OutgoingMessage) -> Result<()> {
@@ -151,8 +173,10 @@ pub(crate) fn capabilities(config: &TopicConfig) -> Capabilities {
     c.ordering_keys = config.message_ordering;
     c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
     // The Go CDK's limits: 1000 messages and 8 MB a request, two in
-    // flight; more in flight keep up with many concurrent senders.
-    c.send_batching = BatchLimits::new(config.max_send_batch_size, 4).with_max_bytes(8_000_000);
+    // flight. More in flight measured slower on the emulator (smaller
+    // requests, each with a fixed cost): 4 gave 0.48 of raw with 100
+    // senders, 2 gave 0.57-0.73.
+    c.send_batching = BatchLimits::new(config.max_send_batch_size, 2).with_max_bytes(8_000_000);
     c
 }
 
@@ -172,15 +196,23 @@ impl driver::Topic for GcpTopic {
 
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
         let mut failed = Vec::new();
-        let publisher = self.batch_publisher();
-        let mut pending = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         for (i, m) in batch.iter().enumerate() {
             match self.check(m).and_then(|()| Self::record(m)) {
-                Ok(record) => pending.push((i, publisher.publish(record))),
+                Ok(record) => records.push((i, record)),
                 Err(e) => failed.push((i, e)),
             }
         }
-        // Dropping the last handle sends what it holds at once.
+        let keyed = records.iter().any(|(_, r)| !r.ordering_key.is_empty());
+        let publisher = self.batch_publisher(records.len().max(1), keyed);
+        // Published without an await between them, so a batch is never
+        // cut short: a sized publisher sends when its last one is in.
+        let pending: Vec<_> = records
+            .into_iter()
+            .map(|(i, r)| (i, publisher.publish(r)))
+            .collect();
+        // A publisher of this batch alone sends what it holds when its
+        // last handle is dropped.
         drop(publisher);
         // Each batch has a publisher of its own, so a key the publisher
         // pauses after a failure never holds up a later batch: the core's
@@ -207,6 +239,13 @@ impl driver::Topic for GcpTopic {
         }
         failed.sort_by_key(|(i, _)| *i);
         Err(BatchError::Items(failed))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Every batch has been answered; the publishers' tasks end with
+        // their handles.
+        self.sized.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
     }
 
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
