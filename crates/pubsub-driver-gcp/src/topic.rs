@@ -230,13 +230,8 @@ impl driver::Topic for GcpTopic {
         if failed.is_empty() {
             return Ok(());
         }
-        if failed.len() == batch.len() {
-            if let Some(first) = failed.iter().map(|(_, e)| e.clone()).next() {
-                if failed.iter().all(|(_, e)| e.kind() == first.kind()) {
-                    return Err(BatchError::All(first));
-                }
-            }
-        }
+        // Each failure is reported for its own message, a whole-batch
+        // failure too: the core retries each as its error says.
         failed.sort_by_key(|(i, _)| *i);
         Err(BatchError::Items(failed))
     }
