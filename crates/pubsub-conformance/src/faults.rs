@@ -266,6 +266,20 @@ where
     faults_lose_nothing_within(topic, sub, senders, per_sender, settle, None, fault).await
 }
 
+/// How long a send may keep retrying: the core's default retry budget.
+const SEND_BUDGET: Duration = pubsub_core::DEFAULT_SEND_GIVE_UP;
+
+/// How long closing may take after the faults, however slow the backend.
+const CLOSE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Awaits `step`, panicking with its name if it takes over [`CLOSE_LIMIT`].
+async fn bounded<T>(what: &str, step: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(CLOSE_LIMIT, step).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} is stuck: no return within {CLOSE_LIMIT:?}"),
+    }
+}
+
 /// [`faults_lose_nothing`] with another bound on duplicates, for a backend
 /// client that repeats more than the in-flight window under a fault (one
 /// that drops acks it could not send, say); `None` is the in-flight bound.
@@ -313,7 +327,7 @@ where
             }
         });
     }
-    let receiver = {
+    let mut receiver = {
         let (sub, received) = (sub.clone(), received.clone());
         tokio::spawn(async move {
             loop {
@@ -335,10 +349,21 @@ where
 
     for k in 1..=2u32 {
         let at = total * k as usize / 3;
-        while issued.load(Ordering::Relaxed) < at {
+        let mut last = (issued.load(Ordering::Relaxed), Instant::now());
+        while last.0 < at {
             tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = issued.load(Ordering::Relaxed);
+            if now > last.0 {
+                last = (now, Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < SEND_BUDGET + settle,
+                "sends are stuck: none returned for {:?} before fault {k} ({} of {total} returned)",
+                SEND_BUDGET + settle,
+                last.0
+            );
         }
-        fault(k).await;
+        bounded(&format!("fault {k}"), fault(k)).await;
         let now = issued.load(Ordering::Relaxed);
         assert!(
             now < total,
@@ -346,8 +371,25 @@ where
         );
         println!("fault {k} struck after {now} of {total} sends");
     }
-    while let Some(r) = tasks.join_next().await {
-        r.expect("sender task");
+    // A send that never returns is the fault this run exists to find, so
+    // waiting for the senders is bounded: past the core's retry budget
+    // plus the settle time, a sender still waiting is stuck in the driver.
+    let senders_done = async {
+        while let Some(r) = tasks.join_next().await {
+            r.expect("sender task");
+        }
+    };
+    if tokio::time::timeout(SEND_BUDGET + settle, senders_done)
+        .await
+        .is_err()
+    {
+        panic!(
+            "sends are stuck: {} of {total} have not returned {:?} after the last fault ({} returned Ok, {} failed)",
+            total - issued.load(Ordering::Relaxed),
+            SEND_BUDGET + settle,
+            confirmed.lock().unwrap().len(),
+            failed.load(Ordering::Relaxed)
+        );
     }
 
     let confirmed = confirmed.lock().unwrap().clone();
@@ -364,6 +406,15 @@ where
         if missing.is_empty() {
             break;
         }
+        if receiver.is_finished() {
+            // It stops only by panicking before shutdown: show why.
+            match (&mut receiver).await {
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("the receiver task ended: {e}"),
+                Ok(()) => {}
+            }
+            panic!("the receiver stopped before shutdown");
+        }
         assert!(
             Instant::now() < deadline,
             "{} of {} sent messages never arrived within {settle:?} (first: {:?})",
@@ -375,9 +426,15 @@ where
     }
     let topic_caps = topic.capabilities().clone();
     let sub_caps = sub.capabilities().clone();
-    sub.shutdown().await.expect("subscription shutdown");
-    receiver.await.expect("receiver task");
-    topic.shutdown().await.expect("topic shutdown");
+    bounded("subscription shutdown", sub.shutdown())
+        .await
+        .expect("subscription shutdown");
+    bounded("the receiver's return after shutdown", receiver)
+        .await
+        .expect("receiver task");
+    bounded("topic shutdown", topic.shutdown())
+        .await
+        .expect("topic shutdown");
 
     let got = received.lock().unwrap();
     let duplicates: usize = got.values().map(|c| c - 1).sum();

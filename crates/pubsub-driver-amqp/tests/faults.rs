@@ -57,6 +57,11 @@ impl Drop for StartAppOnDrop {
 /// Declares an exchange and queue on the broker and runs the faults through
 /// topic and subscription drivers on `through`.
 async fn run(name: &str, through: Option<&Connector>, fault: Fault) {
+    // RUST_LOG shows what the driver and core did when a run fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let admin = Admin::connect().await.unwrap_or_else(|e| panic!("{e}"));
     let x = format!("fault-{name}-{:08x}", fastrand::u32(..));
     let q = format!("{x}-q");
