@@ -100,6 +100,8 @@ fn registry() -> Registry {
     pubsub_driver_redis::register(&registry);
     #[cfg(feature = "gcp")]
     pubsub_driver_gcp::register(&registry);
+    #[cfg(feature = "aws")]
+    pubsub_driver_aws::register(&registry);
     registry
 }
 

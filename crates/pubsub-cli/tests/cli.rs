@@ -70,7 +70,9 @@ fn unknown_scheme_fails_with_the_registered_ones() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
     assert!(
-        err.contains("registered schemes: gcppubsub, kafka, mem, nats, rabbit, redis"),
+        err.contains(
+            "registered schemes: awssns, awssqs, gcppubsub, kafka, mem, nats, rabbit, redis"
+        ),
         "{err}"
     );
 }
@@ -102,18 +104,18 @@ fn missing_arguments_exit_with_usage() {
     feature = "gcp"
 ))]
 fn send_then_receive_json(
-    env: (&str, &str),
+    env: &[(&str, &str)],
     send_url: &str,
     receive_url: &str,
     body: &str,
 ) -> serde_json::Value {
     pubsub()
-        .env(env.0, env.1)
+        .envs(env.iter().copied())
         .args(["send", send_url, "--attr", "k=v", body])
         .assert()
         .success();
     let out = pubsub()
-        .env(env.0, env.1)
+        .envs(env.iter().copied())
         .args(["receive", receive_url, "--count", "1", "--json"])
         .timeout(std::time::Duration::from_secs(60))
         .output()
@@ -173,7 +175,7 @@ fn rabbit_send_then_receive_json() {
         conn
     });
     let target = format!("rabbit://{name}");
-    let line = send_then_receive_json(("RABBIT_SERVER_URL", &url), &target, &target, "hi there");
+    let line = send_then_receive_json(&[("RABBIT_SERVER_URL", &url)], &target, &target, "hi there");
     assert_eq!(line["body"], "hi there");
     assert_eq!(line["attributes"]["k"], "v");
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
@@ -208,7 +210,7 @@ fn kafka_send_then_receive_json() {
         }
     });
     let line = send_then_receive_json(
-        ("KAFKA_BROKERS", &brokers),
+        &[("KAFKA_BROKERS", &brokers)],
         &format!("kafka://{topic}"),
         &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
         "hi kafka",
@@ -244,7 +246,7 @@ fn redis_send_then_receive_json() {
         .query::<()>(&mut conn)
         .unwrap();
     let line = send_then_receive_json(
-        ("REDIS_URL", &url),
+        &[("REDIS_URL", &url)],
         &format!("redis://{stream}"),
         &format!("redis://{stream}?group=g"),
         "hi redis",
@@ -287,12 +289,59 @@ fn gcp_send_then_receive_json() {
             .unwrap();
     });
     let line = send_then_receive_json(
-        ("PUBSUB_EMULATOR_HOST", &host),
+        &[("PUBSUB_EMULATOR_HOST", &host)],
         &format!("gcppubsub://{topic}"),
         &format!("gcppubsub://pubsub-rs-test/{name}"),
         "hi pubsub",
     );
     assert_eq!(line["body"], "hi pubsub");
+    assert_eq!(line["attributes"]["k"], "v");
+}
+
+/// A round trip through moto's SQS: a queue made here, the CLI sends to it
+/// and receives from it, with the test credentials moto takes.
+#[cfg(feature = "aws")]
+#[test]
+fn aws_send_then_receive_json() {
+    let name = format!("cli-{:08x}", std::process::id());
+    let params = "endpoint=http://127.0.0.1:5000&region=us-east-1";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = pubsub_driver_aws::AwsParams::default()
+            .with_endpoint("http://127.0.0.1:5000")
+            .with_region("us-east-1")
+            .load(None)
+            .await
+            .to_builder()
+            .credentials_provider(
+                pubsub_driver_aws::aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                    pubsub_driver_aws::aws_sdk_sqs::config::Credentials::new(
+                        "testing", "testing", None, None, "test",
+                    ),
+                ),
+            )
+            .build();
+        let clients = pubsub_driver_aws::Clients::from_config(&config);
+        clients
+            .sqs
+            .create_queue()
+            .queue_name(&name)
+            .send()
+            .await
+            .expect("moto must be running on 127.0.0.1:5000: scripts/backends up");
+    });
+    let url = format!("awssqs://127.0.0.1:5000/123456789012/{name}?{params}");
+    let line = send_then_receive_json(
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+        &url,
+        &url,
+        "hi sqs",
+    );
+    assert_eq!(line["body"], "hi sqs");
     assert_eq!(line["attributes"]["k"], "v");
 }
 
@@ -329,7 +378,7 @@ fn nats_send_then_receive_json() {
         .unwrap();
     });
     let line = send_then_receive_json(
-        ("NATS_SERVER_URL", &url),
+        &[("NATS_SERVER_URL", &url)],
         &format!("nats://{name}"),
         &format!("nats://{name}?consumer=c"),
         "hi nats",

@@ -93,6 +93,13 @@ pub trait Harness: Send + Sync + Sized + 'static {
         cases::SHORT_DEADLINE
     }
 
+    /// How many messages the concurrent senders and receivers case moves
+    /// within its time limit: 10,000, or fewer on an emulator too slow for
+    /// that (moto sustains about a hundred a second).
+    fn concurrent_messages(&self) -> usize {
+        10_000
+    }
+
     /// The driver of a topic that may or may not exist.
     async fn open_topic(&self, name: &str) -> Result<Arc<dyn driver::Topic>>;
 

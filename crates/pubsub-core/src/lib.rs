@@ -69,11 +69,12 @@ mod topic;
 pub use bytes::Bytes;
 pub use driver::{Attributes, BatchLimits, Capabilities};
 pub use error::{Error, ErrorKind, Result};
+pub use mem::parse_duration;
 pub use message::Message;
 pub use options::{BatchOptions, SubscriptionOptions, TopicOptions, DEFAULT_SEND_GIVE_UP};
 pub use registry::{
-    open_subscription, open_topic, query_pairs, redact_url, registry, resource_name, Opener,
-    Registry,
+    open_subscription, open_topic, parse_bool, query_pairs, redact_url, registry, resource_name,
+    Opener, Registry,
 };
 pub use retry::RetryPolicy;
 pub use subscription::{Subscription, SubscriptionStats};

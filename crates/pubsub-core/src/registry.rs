@@ -163,6 +163,18 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A URL parameter's boolean as Go's `strconv.ParseBool` reads it (the Go
+/// CDK's URLs use it), for openers; a bare key (`?nacklazy`) is true.
+pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(Error::invalid_argument(format!(
+            "{key} must be true or false, not {value:?}"
+        ))),
+    }
+}
+
 /// `url` with any password replaced by `***`, fit for errors and logs.
 pub fn redact_url(url: &Url) -> String {
     let mut u = url.clone();

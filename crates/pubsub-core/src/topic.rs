@@ -88,6 +88,26 @@ impl Topic {
             )));
         }
         message.validate().map_err(|e| self.error(e))?;
+        if let Some(max) = inner.caps.max_attributes {
+            let n = message.attributes().len();
+            if n > max {
+                return Err(self.error(Error::invalid_argument(format!(
+                    "message has {n} attributes; the backend takes at most {max}"
+                ))));
+            }
+        }
+        if !inner.caps.empty_attribute_values {
+            if let Some((k, _)) = message.attributes().iter().find(|(_, v)| v.is_empty()) {
+                return Err(self.error(Error::invalid_argument(format!(
+                    "attribute {k:?} has an empty value, which this backend does not take"
+                ))));
+            }
+        }
+        if !inner.caps.empty_body && message.body().is_empty() {
+            return Err(self.error(Error::invalid_argument(
+                "this backend needs a message body of at least one byte",
+            )));
+        }
         let size = message.size();
         if let Some(max) = inner.caps.max_message_bytes {
             if size > max {

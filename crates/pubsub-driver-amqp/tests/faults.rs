@@ -57,9 +57,13 @@ impl Drop for StartAppOnDrop {
 /// Declares an exchange and queue on the broker and runs the faults through
 /// topic and subscription drivers on `through`.
 async fn run(name: &str, through: Option<&Connector>, fault: Fault) {
-    // RUST_LOG shows what the driver and core did when a run fails.
+    // What the driver and core did, shown only when a run fails (the test
+    // writer is captured); RUST_LOG overrides it.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("pubsub_core=debug,pubsub_driver_amqp=debug,lapin=info")
+    });
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
     let admin = Admin::connect().await.unwrap_or_else(|e| panic!("{e}"));

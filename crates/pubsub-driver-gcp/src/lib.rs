@@ -122,8 +122,8 @@ use async_trait::async_trait;
 use google_cloud_gax::retry_policy::NeverRetry;
 use google_cloud_pubsub::client::{BasePublisher, Subscriber, SubscriptionAdmin, TopicAdmin};
 use pubsub_core::{
-    query_pairs, Error, ErrorKind, Opener, Registry, Result, Subscription, SubscriptionOptions,
-    Topic, TopicOptions, Url,
+    parse_bool, query_pairs, Error, ErrorKind, Opener, Registry, Result, Subscription,
+    SubscriptionOptions, Topic, TopicOptions, Url,
 };
 use tokio::sync::OnceCell;
 
@@ -308,25 +308,13 @@ fn batch_size(key: &str, value: &str) -> Result<usize> {
         })
 }
 
-/// Go's `strconv.ParseBool`, which the Go CDK's URLs use; a bare key is
-/// true.
-fn boolean(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(Error::invalid_argument(format!(
-            "{key} must be true or false, not {value:?}"
-        ))),
-    }
-}
-
 /// The topic config a `gcppubsub://` URL asks for.
 fn topic_config(url: &Url) -> Result<TopicConfig> {
     let mut config = TopicConfig::default();
     for (k, v) in query_pairs(url) {
         match k.as_str() {
             "max_send_batch_size" => config.max_send_batch_size = batch_size(&k, &v)?,
-            "ordering" => config.message_ordering = boolean(&k, &v)?,
+            "ordering" => config.message_ordering = parse_bool(&k, &v)?,
             _ => {
                 return Err(Error::invalid_argument(format!(
                     "unknown gcppubsub:// topic URL parameter {k:?}; known: max_send_batch_size, \
@@ -344,7 +332,7 @@ fn subscription_config(url: &Url) -> Result<SubscriptionConfig> {
     for (k, v) in query_pairs(url) {
         match k.as_str() {
             "max_recv_batch_size" => config.max_recv_batch_size = batch_size(&k, &v)?,
-            "nacklazy" => config.nack_lazy = boolean(&k, &v)?,
+            "nacklazy" => config.nack_lazy = parse_bool(&k, &v)?,
             _ => {
                 return Err(Error::invalid_argument(format!(
                     "unknown gcppubsub:// subscription URL parameter {k:?}; known: \

@@ -229,6 +229,17 @@ pub struct Capabilities {
     /// Largest message the backend takes, as measured by
     /// [`OutgoingMessage::size`].
     pub max_message_bytes: Option<usize>,
+    /// Most attributes one message may carry, if limited (SQS and SNS take
+    /// 10); the core refuses a message with more before any I/O.
+    pub max_attributes: Option<usize>,
+    /// A message may have an empty body. Where it may not (SQS and SNS
+    /// require at least one character), the core refuses such a send with
+    /// `InvalidArgument` before any I/O.
+    pub empty_body: bool,
+    /// An attribute may have an empty value. Where it may not (SQS and SNS
+    /// refuse one), the core refuses such a send with `InvalidArgument`
+    /// before any I/O.
+    pub empty_attribute_values: bool,
     /// Limits for `send_batch`.
     pub send_batching: BatchLimits,
     /// Limits for `send_acks`, `send_nacks` and `extend_leases`.
@@ -260,6 +271,9 @@ impl Default for Capabilities {
             ordering_keys: false,
             fan_out: true,
             max_message_bytes: None,
+            max_attributes: None,
+            empty_body: true,
+            empty_attribute_values: true,
             send_batching: BatchLimits::default(),
             ack_batching: BatchLimits::default(),
             local_settlement: false,

@@ -1,0 +1,443 @@
+//! A topic is an SNS topic (PublishBatch) or an SQS queue sent to directly
+//! (SendMessageBatch).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage};
+use pubsub_core::{Error, Result};
+
+use crate::encode::{self, BodyEncoding, Encoded};
+use crate::{error, names, DRIVER};
+
+/// Largest message SNS takes, and the size this driver holds SQS to as
+/// well (SNS delivers to SQS, and SQS's own limit was this until 2025):
+/// the body as sent plus every attribute's name, type and value.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Most bytes in one PublishBatch or SendMessageBatch request.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// Most entries in one batch request.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+
+/// The attribute the Go CDK reads a message's FIFO group from when it has
+/// no ordering key.
+pub const GROUP_ATTRIBUTE: &str = "MessageGroupId";
+
+/// The attribute the Go CDK reads a message's FIFO deduplication id from.
+pub const DEDUPLICATION_ATTRIBUTE: &str = "DeduplicationId";
+
+/// Where a FIFO message's deduplication id comes from, when it has no
+/// [`DEDUPLICATION_ATTRIBUTE`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Deduplication {
+    /// The message's own id, the same on every attempt the core makes, so
+    /// a resend after a lost response is dropped by SQS or SNS (within
+    /// their five-minute window). The default.
+    #[default]
+    PerMessage,
+    /// None: the queue or topic deduplicates by content
+    /// (`ContentBasedDeduplication`), which it must have on.
+    ContentBased,
+}
+
+/// Options of a topic.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
+pub struct TopicConfig {
+    /// When bodies are base64-encoded.
+    pub body_encoding: BodyEncoding,
+    /// How FIFO messages are deduplicated.
+    pub deduplication: Deduplication,
+}
+
+impl TopicConfig {
+    /// Sets when bodies are base64-encoded.
+    pub fn with_body_encoding(mut self, how: BodyEncoding) -> Self {
+        self.body_encoding = how;
+        self
+    }
+
+    /// Sets how FIFO messages are deduplicated.
+    pub fn with_deduplication(mut self, how: Deduplication) -> Self {
+        self.deduplication = how;
+        self
+    }
+}
+
+#[derive(Clone)]
+enum Target {
+    Sns {
+        client: aws_sdk_sns::Client,
+        arn: String,
+    },
+    Sqs {
+        client: aws_sdk_sqs::Client,
+        queue_url: String,
+    },
+}
+
+/// The topic driver: sends each batch the core hands over as PublishBatch
+/// (SNS) or SendMessageBatch (SQS) requests of up to ten entries and
+/// [`MAX_REQUEST_BYTES`], concurrently, and reports each failed entry for
+/// its own message.
+///
+/// [`pubsub_core::Topic::as_raw`] gives the `aws_sdk_sns::Client` or
+/// `aws_sdk_sqs::Client`. A before-send hook gets the
+/// `&mut aws_sdk_sns::types::PublishBatchRequestEntry` or
+/// `&mut aws_sdk_sqs::types::SendMessageBatchRequestEntry`; an after-send
+/// hook the `PublishBatchResultEntry` or `SendMessageBatchResultEntry`.
+pub struct AwsTopic {
+    target: Target,
+    resource: String,
+    config: TopicConfig,
+    fifo: bool,
+}
+
+impl fmt::Debug for AwsTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsTopic")
+            .field("resource", &self.resource)
+            .field("fifo", &self.fifo)
+            .finish()
+    }
+}
+
+/// One message of a batch, encoded and checked.
+struct Prepared {
+    index: usize,
+    encoded: Encoded,
+    group: Option<String>,
+    dedup: Option<String>,
+}
+
+impl AwsTopic {
+    /// A topic publishing to the SNS topic `arn`. The ARN's form is checked
+    /// now; whether the topic exists, on the first send (`NotFound`).
+    pub fn sns(client: aws_sdk_sns::Client, arn: &str, config: TopicConfig) -> Result<Self> {
+        let name = names::sns_topic_name(arn)?;
+        Ok(AwsTopic {
+            fifo: name.ends_with(".fifo"),
+            target: Target::Sns {
+                client,
+                arn: arn.to_owned(),
+            },
+            resource: arn.to_owned(),
+            config,
+        })
+    }
+
+    /// A topic sending straight to the SQS queue at `queue_url`.
+    pub fn sqs(client: aws_sdk_sqs::Client, queue_url: &str, config: TopicConfig) -> Result<Self> {
+        let name = names::sqs_queue_name(queue_url)?;
+        Ok(AwsTopic {
+            fifo: name.ends_with(".fifo"),
+            target: Target::Sqs {
+                client,
+                queue_url: queue_url.to_owned(),
+            },
+            resource: queue_url.to_owned(),
+            config,
+        })
+    }
+
+    fn prepare(&self, index: usize, m: &OutgoingMessage) -> Result<Prepared> {
+        let encoded = encode::encode(&m.body, &m.attributes, self.config.body_encoding)?;
+        let size = encoded.size();
+        if size > MAX_MESSAGE_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "message of {size} bytes as SQS and SNS count it (body as sent and attributes) \
+                 exceeds their limit of {MAX_MESSAGE_BYTES}"
+            )));
+        }
+        if encoded.body.is_empty() {
+            return Err(Error::invalid_argument(
+                "SQS and SNS need a message body of at least one character",
+            ));
+        }
+        let (mut group, mut dedup) = (None, None);
+        if self.fifo {
+            group = m
+                .ordering_key
+                .clone()
+                .or_else(|| m.attributes.get(GROUP_ATTRIBUTE).cloned());
+            if group.is_none() {
+                return Err(Error::invalid_argument(
+                    "a FIFO queue or topic needs each message to have an ordering key (its \
+                     MessageGroupId) or a MessageGroupId attribute",
+                ));
+            }
+            dedup = match (
+                m.attributes.get(DEDUPLICATION_ATTRIBUTE),
+                self.config.deduplication,
+            ) {
+                (Some(d), _) => Some(d.clone()),
+                (None, Deduplication::PerMessage) => Some(format!("{:032x}", m.unique_id())),
+                (None, Deduplication::ContentBased) => None,
+            };
+        }
+        Ok(Prepared {
+            index,
+            encoded,
+            group,
+            dedup,
+        })
+    }
+
+    /// Splits prepared messages into requests within the entry and byte
+    /// limits, keeping batch order.
+    fn requests(prepared: Vec<Prepared>) -> Vec<Vec<Prepared>> {
+        let mut out: Vec<Vec<Prepared>> = Vec::new();
+        let mut bytes = 0;
+        for p in prepared {
+            let size = p.encoded.size();
+            let fits = out
+                .last()
+                .is_some_and(|r| r.len() < MAX_BATCH_ENTRIES && bytes + size <= MAX_REQUEST_BYTES);
+            if !fits {
+                out.push(Vec::with_capacity(MAX_BATCH_ENTRIES));
+                bytes = 0;
+            }
+            bytes += size;
+            out.last_mut().expect("pushed above").push(p);
+        }
+        out
+    }
+}
+
+fn built(e: aws_sdk_sqs::error::BuildError) -> Error {
+    Error::internal(format!("could not build the request entry: {e}"))
+        .with_context("driver", DRIVER)
+}
+
+fn sns_built(e: aws_sdk_sns::error::BuildError) -> Error {
+    Error::internal(format!("could not build the request entry: {e}"))
+        .with_context("driver", DRIVER)
+}
+
+impl AwsTopic {
+    async fn publish_sns(
+        client: &aws_sdk_sns::Client,
+        arn: &str,
+        batch: &[OutgoingMessage],
+        request: Vec<Prepared>,
+        failed: &mut Vec<(usize, Error)>,
+    ) {
+        use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
+        let mut entries = Vec::with_capacity(request.len());
+        for p in request {
+            let entry = (|| {
+                let mut attrs = HashMap::with_capacity(p.encoded.attributes.len());
+                for (k, v) in p.encoded.attributes {
+                    let value = MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(v)
+                        .build()
+                        .map_err(sns_built)?;
+                    attrs.insert(k, value);
+                }
+                let mut entry = PublishBatchRequestEntry::builder()
+                    .id(p.index.to_string())
+                    .message(p.encoded.body)
+                    .set_message_attributes((!attrs.is_empty()).then_some(attrs))
+                    .set_message_group_id(p.group)
+                    .set_message_deduplication_id(p.dedup)
+                    .build()
+                    .map_err(sns_built)?;
+                batch[p.index].run_before_send(&mut entry)?;
+                Ok::<_, Error>(entry)
+            })();
+            match entry {
+                Ok(e) => entries.push(e),
+                Err(e) => failed.push((p.index, e)),
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let indices: Vec<usize> = entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+        let out = client
+            .publish_batch()
+            .topic_arn(arn)
+            .set_publish_batch_request_entries(Some(entries))
+            .send()
+            .await;
+        match out {
+            Err(e) => {
+                let e = error::call(&format!("PublishBatch to {arn}"), e);
+                failed.extend(indices.into_iter().map(|i| (i, e.clone())));
+            }
+            Ok(out) => {
+                for f in out.failed() {
+                    if let Ok(i) = f.id().parse::<usize>() {
+                        let what = format!("PublishBatch to {arn}");
+                        failed.push((
+                            i,
+                            error::entry(&what, f.code(), f.message(), f.sender_fault()),
+                        ));
+                    }
+                }
+                for s in out.successful() {
+                    let Some(i) = s.id().and_then(|id| id.parse::<usize>().ok()) else {
+                        continue;
+                    };
+                    if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
+                        if let Err(e) = m.run_after_send(s) {
+                            failed.push((i, e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_sqs(
+        client: &aws_sdk_sqs::Client,
+        queue_url: &str,
+        batch: &[OutgoingMessage],
+        request: Vec<Prepared>,
+        failed: &mut Vec<(usize, Error)>,
+    ) {
+        use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
+        let mut entries = Vec::with_capacity(request.len());
+        for p in request {
+            let entry = (|| {
+                let mut attrs = HashMap::with_capacity(p.encoded.attributes.len());
+                for (k, v) in p.encoded.attributes {
+                    let value = MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(v)
+                        .build()
+                        .map_err(built)?;
+                    attrs.insert(k, value);
+                }
+                let mut entry = SendMessageBatchRequestEntry::builder()
+                    .id(p.index.to_string())
+                    .message_body(p.encoded.body)
+                    .set_message_attributes((!attrs.is_empty()).then_some(attrs))
+                    .set_message_group_id(p.group)
+                    .set_message_deduplication_id(p.dedup)
+                    .build()
+                    .map_err(built)?;
+                batch[p.index].run_before_send(&mut entry)?;
+                Ok::<_, Error>(entry)
+            })();
+            match entry {
+                Ok(e) => entries.push(e),
+                Err(e) => failed.push((p.index, e)),
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let indices: Vec<usize> = entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+        let out = client
+            .send_message_batch()
+            .queue_url(queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await;
+        match out {
+            Err(e) => {
+                let e = error::call(&format!("SendMessageBatch to {queue_url}"), e);
+                failed.extend(indices.into_iter().map(|i| (i, e.clone())));
+            }
+            Ok(out) => {
+                for f in out.failed() {
+                    if let Ok(i) = f.id().parse::<usize>() {
+                        let what = format!("SendMessageBatch to {queue_url}");
+                        failed.push((
+                            i,
+                            error::entry(&what, f.code(), f.message(), f.sender_fault()),
+                        ));
+                    }
+                }
+                for s in out.successful() {
+                    let Ok(i) = s.id().parse::<usize>() else {
+                        continue;
+                    };
+                    if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
+                        if let Err(e) = m.run_after_send(s) {
+                            failed.push((i, e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl driver::Topic for AwsTopic {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.fan_out = matches!(self.target, Target::Sns { .. });
+        c.ordering_keys = self.fifo;
+        c.max_message_bytes = Some(MAX_MESSAGE_BYTES);
+        c.max_attributes = Some(encode::MAX_ATTRIBUTES);
+        c.empty_body = false;
+        c.empty_attribute_values = false;
+        // Up to ten a request as AWS allows; the driver splits a batch
+        // whose encoded size exceeds a request. Many requests in flight, as
+        // the Go CDK, since each is one HTTP round trip.
+        c.send_batching = BatchLimits::new(MAX_BATCH_ENTRIES, 64).with_max_bytes(MAX_REQUEST_BYTES);
+        c
+    }
+
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            match self.prepare(i, m) {
+                Ok(p) => prepared.push(p),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let requests = Self::requests(prepared);
+        let calls = requests.into_iter().map(|request| {
+            let target = self.target.clone();
+            async move {
+                let mut failed = Vec::new();
+                match &target {
+                    Target::Sns { client, arn } => {
+                        Self::publish_sns(client, arn, batch, request, &mut failed).await
+                    }
+                    Target::Sqs { client, queue_url } => {
+                        Self::send_sqs(client, queue_url, batch, request, &mut failed).await
+                    }
+                }
+                failed
+            }
+        });
+        for f in join_all(calls).await {
+            failed.extend(f);
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else if failed.len() == batch.len() && batch.len() == 1 {
+            Err(BatchError::All(failed.pop().expect("one").1))
+        } else {
+            Err(BatchError::Items(failed))
+        }
+    }
+
+    fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+        match &self.target {
+            Target::Sns { client, .. } => Some(client),
+            Target::Sqs { client, .. } => Some(client),
+        }
+    }
+}
