@@ -280,3 +280,50 @@ pub fn resident_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The median of `v` (the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Prints the header of a driver-against-raw-SDK table: `first` names the
+/// row label's column, `raw` the raw SDK, `tries` how many tries each row
+/// ran.
+pub fn ratio_header(first: &str, raw: &str, tries: usize) {
+    println!(
+        "| {first} | raw {raw} msg/s (best) | pubsub msg/s (best) | ratio of bests | median ratio of {tries} tries |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+}
+
+/// Prints one row of rates measured alternately, raw then driver, try by
+/// try: the best of each side, the ratio of the bests and the median of the
+/// per-try ratios. With `PUBSUB_BENCH_VERBOSE` set, each try as well.
+pub fn ratio_row(label: &str, raws: &[f64], libs: &[f64]) {
+    if std::env::var_os("PUBSUB_BENCH_VERBOSE").is_some() {
+        for (i, (r, l)) in raws.iter().zip(libs).enumerate() {
+            eprintln!(
+                "{label} try {i}: raw {r:.0} msg/s, pubsub {l:.0} msg/s, ratio {:.2}",
+                l / r
+            );
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0f64, f64::max);
+    let ratios = libs.iter().zip(raws).map(|(l, r)| l / r).collect();
+    println!(
+        "| {label} | {:>9.0} | {:>9.0} | {:.2} | {:.2} |",
+        best(raws),
+        best(libs),
+        best(libs) / best(raws),
+        median(ratios)
+    );
+}

@@ -69,8 +69,13 @@
 //!   MessageGroupId (or, as the Go CDK, a `MessageGroupId` attribute), and
 //!   the deduplication id a `DeduplicationId` attribute, else the
 //!   message's own id, the same on each of the core's attempts
-//!   ([`Deduplication`]). On receive the group is the ordering key. On
-//!   standard queues and topics the ordering key is not sent.
+//!   ([`Deduplication`]). On receive the group is the ordering key. One
+//!   batch at a time goes to a FIFO target, its requests one after another
+//!   and none after one that failed, so a group's messages and their
+//!   retries arrive in send order; only an entry refused on its own
+//!   inside an accepted request (which AWS reports per entry) can land
+//!   after later messages of its group. On standard queues and topics the
+//!   ordering key is not sent.
 //! - Receiving is ReceiveMessage with long polling ([`DEFAULT_WAIT_TIME`]),
 //!   up to ten a call and several calls at once for bigger batches. Ack is
 //!   DeleteMessageBatch; nack ChangeMessageVisibilityBatch to 0 (or to

@@ -70,7 +70,6 @@ impl TopicConfig {
     }
 }
 
-#[derive(Clone)]
 enum Target {
     Sns {
         client: aws_sdk_sns::Client,
@@ -393,7 +392,11 @@ impl driver::Topic for AwsTopic {
         // Up to ten a request as AWS allows; the driver splits a batch
         // whose encoded size exceeds a request. Many requests in flight, as
         // the Go CDK, since each is one HTTP round trip.
-        c.send_batching = BatchLimits::new(MAX_BATCH_ENTRIES, 64).with_max_bytes(MAX_REQUEST_BYTES);
+        // A FIFO target takes one batch at a time, so a group's messages
+        // and their retries reach it in send order.
+        let handlers = if self.fifo { 1 } else { 64 };
+        c.send_batching =
+            BatchLimits::new(MAX_BATCH_ENTRIES, handlers).with_max_bytes(MAX_REQUEST_BYTES);
         c
     }
 
@@ -407,23 +410,41 @@ impl driver::Topic for AwsTopic {
             }
         }
         let requests = Self::requests(prepared);
-        let calls = requests.into_iter().map(|request| {
-            let target = self.target.clone();
-            async move {
-                let mut failed = Vec::new();
-                match &target {
-                    Target::Sns { client, arn } => {
-                        Self::publish_sns(client, arn, batch, request, &mut failed).await
-                    }
-                    Target::Sqs { client, queue_url } => {
-                        Self::send_sqs(client, queue_url, batch, request, &mut failed).await
+        let call = |request: Vec<Prepared>| async move {
+            let mut failed = Vec::new();
+            match &self.target {
+                Target::Sns { client, arn } => {
+                    Self::publish_sns(client, arn, batch, request, &mut failed).await
+                }
+                Target::Sqs { client, queue_url } => {
+                    Self::send_sqs(client, queue_url, batch, request, &mut failed).await
+                }
+            }
+            failed
+        };
+        if self.fifo {
+            // One request after another, and none after one that failed,
+            // so a group's messages are accepted in batch order; what is
+            // held back fails with the same error and is retried, in order,
+            // by the core (which runs one FIFO batch at a time).
+            let mut requests = requests.into_iter();
+            while let Some(request) = requests.next() {
+                let sent = request.len();
+                let f = call(request).await;
+                let first = (f.len() == sent)
+                    .then(|| f.first().map(|(_, e)| e.clone()))
+                    .flatten();
+                failed.extend(f);
+                if let Some(e) = first {
+                    for p in requests.by_ref().flatten() {
+                        failed.push((p.index, e.clone()));
                     }
                 }
-                failed
             }
-        });
-        for f in join_all(calls).await {
-            failed.extend(f);
+        } else {
+            for f in join_all(requests.into_iter().map(call)).await {
+                failed.extend(f);
+            }
         }
         if failed.is_empty() {
             Ok(())

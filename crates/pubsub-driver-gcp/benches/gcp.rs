@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pubsub_conformance::bench::{ratio_header, ratio_row as row};
 use pubsub_core::{Message, SubscriptionOptions, TopicOptions};
 use pubsub_driver_gcp::google_cloud_pubsub::client::{Publisher, SubscriptionAdmin, TopicAdmin};
 use pubsub_driver_gcp::google_cloud_pubsub::model;
@@ -192,41 +193,8 @@ async fn driver_sends(clients: &Clients, topic: &str, senders: usize, total: usi
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn row(label: &str, raws: &[f64], libs: &[f64]) {
-    if std::env::var_os("PUBSUB_BENCH_VERBOSE").is_some() {
-        for (i, (r, l)) in raws.iter().zip(libs).enumerate() {
-            eprintln!(
-                "{label} try {i}: raw {r:.0} msg/s, pubsub {l:.0} msg/s, ratio {:.2}",
-                l / r
-            );
-        }
-    }
-    let best = |v: &[f64]| v.iter().copied().fold(0f64, f64::max);
-    let ratios = libs.iter().zip(raws).map(|(l, r)| l / r).collect();
-    println!(
-        "| {label} | {:>9.0} | {:>9.0} | {:.2} | {:.2} |",
-        best(raws),
-        best(libs),
-        best(libs) / best(raws),
-        median(ratios)
-    );
-}
-
 fn header(first: &str) {
-    println!(
-        "| {first} | raw google-cloud-pubsub msg/s (best) | pubsub msg/s (best) | ratio of bests | median ratio of {TRIES} tries |"
-    );
-    println!("|---:|---:|---:|---:|---:|");
+    ratio_header(first, "google-cloud-pubsub", TRIES);
 }
 
 async fn sends(clients: &Clients, admin: &Admin, only: &[usize]) {
