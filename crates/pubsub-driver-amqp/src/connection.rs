@@ -192,7 +192,13 @@ impl Connector {
     pub async fn close(&self) -> Result<()> {
         if let Some(c) = self.inner.current.lock().await.take() {
             if c.status().connected() {
-                c.close(200, "bye".into()).await.map_err(error::map)?;
+                match tokio::time::timeout(BROKER_TIMEOUT, c.close(200, "bye".into())).await {
+                    Ok(r) => r.map_err(error::map)?,
+                    Err(_) => tracing::warn!(
+                        server = %self.inner.redacted,
+                        "RabbitMQ did not confirm closing the connection in time"
+                    ),
+                }
             }
         }
         Ok(())

@@ -165,15 +165,34 @@ where
 {
     let mut failed = Vec::new();
     let mut calls = Vec::with_capacity(ids.size_hint().0);
+    let mut n = 0;
     for (i, acker) in ackers(ids) {
+        n = i + 1;
         match acker {
             Some(a) => calls.push(f(a).map(move |r| (i, r))),
             None => failed.push((i, Error::invalid_argument("not an AMQP delivery"))),
         }
     }
-    for (i, r) in futures_util::future::join_all(calls).await {
-        if let Err(e) = r {
-            failed.push((i, error::map(e)));
+    // Bounded: a broker that stops answering without closing the
+    // connection would otherwise hold acks, and the shutdown that flushes
+    // them, for ever. A timed-out item is retried, or its delivery comes
+    // back when the connection drops.
+    match tokio::time::timeout(BROKER_TIMEOUT, futures_util::future::join_all(calls)).await {
+        Ok(results) => {
+            for (i, r) in results {
+                if let Err(e) = r {
+                    failed.push((i, error::map(e)));
+                }
+            }
+        }
+        Err(_) => {
+            let e = crate::connection::timed_out("settling deliveries");
+            let already: Vec<usize> = failed.iter().map(|(i, _)| *i).collect();
+            failed.extend(
+                (0..n)
+                    .filter(|i| !already.contains(i))
+                    .map(|i| (i, e.clone())),
+            );
         }
     }
     if failed.is_empty() {
@@ -255,8 +274,16 @@ impl driver::Subscription for AmqpSubscription {
     async fn close(&self) -> Result<()> {
         if let Some((ch, _)) = self.consumer.lock().await.take() {
             if ch.status().connected() {
-                // Closing the channel requeues whatever it still holds.
-                ch.close(200, "bye".into()).await.map_err(error::map)?;
+                // Closing the channel requeues whatever it still holds. A
+                // broker that does not answer in time is left to requeue
+                // them when the connection drops.
+                match tokio::time::timeout(BROKER_TIMEOUT, ch.close(200, "bye".into())).await {
+                    Ok(r) => r.map_err(error::map)?,
+                    Err(_) => tracing::warn!(
+                        queue = self.queue.as_str(),
+                        "RabbitMQ did not confirm closing the consumer's channel in time"
+                    ),
+                }
             }
         }
         Ok(())

@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
 use pubsub_core::{Error, ErrorKind, Result};
 
-use crate::connection::{bounded, Connector};
+use crate::connection::{bounded, Connector, BROKER_TIMEOUT};
 use crate::{capabilities, error, headers, DRIVER};
 
 /// Options of an exchange-backed topic.
@@ -296,7 +296,15 @@ impl driver::Topic for AmqpTopic {
         let idle = std::mem::take(&mut *self.idle());
         for ch in idle {
             if ch.status().connected() {
-                ch.close(200, "bye".into()).await.map_err(error::map)?;
+                // Bounded, as a broker that stops answering would hold the
+                // shutdown for ever; nothing is lost by leaving the channel.
+                match tokio::time::timeout(BROKER_TIMEOUT, ch.close(200, "bye".into())).await {
+                    Ok(r) => r.map_err(error::map)?,
+                    Err(_) => tracing::warn!(
+                        exchange = self.exchange.as_str(),
+                        "RabbitMQ did not confirm closing a channel in time"
+                    ),
+                }
             }
         }
         Ok(())

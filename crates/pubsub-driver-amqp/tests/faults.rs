@@ -142,3 +142,62 @@ async fn connections_cut_twice_through_a_proxy_lose_no_confirmed_message() {
         "the driver reconnected after each cut"
     );
 }
+
+/// A broker that stops answering (traffic paused, the connection still
+/// open) must not hold a subscription's or topic's shutdown for ever: its
+/// acks and closing time out, and the deliveries come back when the
+/// connection finally drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_while_the_broker_does_not_answer() {
+    let _serial = BROKER.lock().await;
+    let admin = Admin::connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let url = pubsub_core::Url::parse(&common::server_url()).expect("RABBIT_SERVER_URL is a URL");
+    let upstream = tokio::net::lookup_host((
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5672),
+    ))
+    .await
+    .ok()
+    .and_then(|mut a| a.next())
+    .expect("RabbitMQ's address resolves");
+    let proxy = FaultProxy::start(upstream).await.expect("proxy");
+    let mut through = url.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let connector = Connector::new(through.as_str()).unwrap();
+    let x = format!("fault-stall-{:08x}", fastrand::u32(..));
+    let q = format!("{x}-q");
+    admin.exchange(&x).await.unwrap();
+    admin.queue(&x, &q).await.unwrap();
+    let topic = open_topic(&connector, &x, TopicConfig::default(), Default::default()).unwrap();
+    let sub = open_subscription(
+        &connector,
+        &q,
+        SubscriptionConfig::default(),
+        Default::default(),
+    )
+    .unwrap();
+    for i in 0..3 {
+        topic
+            .send(pubsub_core::Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.receive())
+        .await
+        .expect("a message arrives")
+        .unwrap();
+    proxy.pause();
+    m.ack();
+    let limit = Duration::from_secs(45);
+    let closed = tokio::time::timeout(limit, async {
+        let _ = sub.shutdown().await;
+        let _ = topic.shutdown().await;
+    })
+    .await;
+    proxy.resume();
+    assert!(
+        closed.is_ok(),
+        "shutdown did not return within {limit:?} while the broker did not answer"
+    );
+}

@@ -210,24 +210,15 @@ impl AwsSubscription {
         let s = &self.shared;
         let secs = whole_seconds(timeout.min(MAX_VISIBILITY_TIMEOUT));
         let mut failed = Vec::new();
-        let mut entries = Vec::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            let Some(handle) = id.downcast_ref::<String>() else {
-                failed.push((i, Error::invalid_argument("not an SQS delivery")));
-                continue;
-            };
-            let entry = ChangeMessageVisibilityBatchRequestEntry::builder()
+        let entries = entries(ids.iter().copied(), &mut failed, |i, handle| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
                 .id(i.to_string())
                 .receipt_handle(handle)
                 .visibility_timeout(secs)
                 .build()
-                .map_err(|e| Error::internal(format!("could not build the request entry: {e}")));
-            match entry {
-                Ok(e) => entries.push(e),
-                Err(e) => failed.push((i, e)),
-            }
-        }
+        });
         if !entries.is_empty() {
+            let what = format!("{what} on {}", s.queue_url);
             let out = s
                 .client
                 .change_message_visibility_batch()
@@ -235,51 +226,23 @@ impl AwsSubscription {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| error::call(&format!("{what} on {}", s.queue_url), e))?;
-            for f in out.failed() {
-                // A delivery that is no longer in flight (acked, expired,
-                // received again) needs nothing more.
-                if gone(f.code()) {
-                    continue;
-                }
-                if let Ok(i) = f.id().parse::<usize>() {
-                    let what = format!("{what} on {}", s.queue_url);
-                    failed.push((
-                        i,
-                        error::entry(&what, f.code(), f.message(), f.sender_fault()),
-                    ));
-                }
-            }
+                .map_err(|e| error::call(&what, e))?;
+            failures(&what, out.failed(), &mut failed);
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(BatchError::Items(failed))
-        }
+        settled(failed)
     }
 
     async fn delete(&self, ids: &[AckId]) -> Result<(), BatchError> {
         let s = &self.shared;
         let mut failed = Vec::new();
-        let mut entries = Vec::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            let Some(handle) = id.downcast_ref::<String>() else {
-                failed.push((i, Error::invalid_argument("not an SQS delivery")));
-                continue;
-            };
-            match DeleteMessageBatchRequestEntry::builder()
+        let entries = entries(ids.iter(), &mut failed, |i, handle| {
+            DeleteMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .receipt_handle(handle)
                 .build()
-            {
-                Ok(e) => entries.push(e),
-                Err(e) => failed.push((
-                    i,
-                    Error::internal(format!("could not build the request entry: {e}")),
-                )),
-            }
-        }
+        });
         if !entries.is_empty() {
+            let what = format!("DeleteMessageBatch on {}", s.queue_url);
             let out = s
                 .client
                 .delete_message_batch()
@@ -287,25 +250,62 @@ impl AwsSubscription {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| error::call(&format!("DeleteMessageBatch on {}", s.queue_url), e))?;
-            for f in out.failed() {
-                if gone(f.code()) {
-                    continue;
-                }
-                if let Ok(i) = f.id().parse::<usize>() {
-                    let what = format!("DeleteMessageBatch on {}", s.queue_url);
-                    failed.push((
-                        i,
-                        error::entry(&what, f.code(), f.message(), f.sender_fault()),
-                    ));
-                }
-            }
+                .map_err(|e| error::call(&what, e))?;
+            failures(&what, out.failed(), &mut failed);
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(BatchError::Items(failed))
+        settled(failed)
+    }
+}
+
+/// An entry for each delivery, named by its index; a delivery that is not
+/// an SQS one (or whose entry cannot be built) fails on its own.
+fn entries<'a, E>(
+    ids: impl Iterator<Item = &'a AckId>,
+    failed: &mut Vec<(usize, Error)>,
+    entry: impl Fn(usize, &str) -> Result<E, aws_sdk_sqs::error::BuildError>,
+) -> Vec<E> {
+    let mut out = Vec::new();
+    for (i, id) in ids.enumerate() {
+        let Some(handle) = id.downcast_ref::<String>() else {
+            failed.push((i, Error::invalid_argument("not an SQS delivery")));
+            continue;
+        };
+        match entry(i, handle) {
+            Ok(e) => out.push(e),
+            Err(e) => failed.push((
+                i,
+                Error::internal(format!("could not build the request entry: {e}")),
+            )),
         }
+    }
+    out
+}
+
+/// The failed entries of a settling call, but for deliveries no longer the
+/// subscriber's (acked, expired, received again), which need nothing more.
+fn failures(
+    what: &str,
+    entries: &[aws_sdk_sqs::types::BatchResultErrorEntry],
+    failed: &mut Vec<(usize, Error)>,
+) {
+    for f in entries {
+        if gone(f.code()) {
+            continue;
+        }
+        if let Ok(i) = f.id().parse::<usize>() {
+            failed.push((
+                i,
+                error::entry(what, f.code(), f.message(), f.sender_fault()),
+            ));
+        }
+    }
+}
+
+fn settled(failed: Vec<(usize, Error)>) -> Result<(), BatchError> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(BatchError::Items(failed))
     }
 }
 

@@ -209,14 +209,85 @@ impl AwsTopic {
     }
 }
 
-fn built(e: aws_sdk_sqs::error::BuildError) -> Error {
+fn built(e: impl std::fmt::Display) -> Error {
     Error::internal(format!("could not build the request entry: {e}"))
         .with_context("driver", DRIVER)
 }
 
-fn sns_built(e: aws_sdk_sns::error::BuildError) -> Error {
-    Error::internal(format!("could not build the request entry: {e}"))
-        .with_context("driver", DRIVER)
+/// The escaped attributes as the service's attribute values, `None` when
+/// there are none (AWS refuses an empty map).
+fn attribute_map<V>(
+    attributes: std::collections::BTreeMap<String, String>,
+    value: impl Fn(String) -> Result<V>,
+) -> Result<Option<HashMap<String, V>>> {
+    let mut out = HashMap::with_capacity(attributes.len());
+    for (k, v) in attributes {
+        out.insert(k, value(v)?);
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
+/// A failed entry as both services report it: id, code, message, and
+/// whether the sender was at fault.
+type Failure<'a> = (&'a str, &'a str, Option<&'a str>, bool);
+
+/// Records one request's outcome: every entry failed when the call did,
+/// else each failed entry for its own message and the after-send hook of
+/// each that succeeded.
+fn record<F, S: std::any::Any>(
+    what: &str,
+    batch: &[OutgoingMessage],
+    indices: Vec<usize>,
+    out: Result<(&[F], &[S])>,
+    failure: fn(&F) -> Failure<'_>,
+    success_id: fn(&S) -> Option<&str>,
+    failed: &mut Vec<(usize, Error)>,
+) {
+    let (failures, successes) = match out {
+        Ok(o) => o,
+        Err(e) => {
+            failed.extend(indices.into_iter().map(|i| (i, e.clone())));
+            return;
+        }
+    };
+    for f in failures {
+        let (id, code, message, sender_fault) = failure(f);
+        if let Ok(i) = id.parse::<usize>() {
+            failed.push((i, error::entry(what, code, message, sender_fault)));
+        }
+    }
+    for s in successes {
+        let Some(i) = success_id(s).and_then(|id| id.parse::<usize>().ok()) else {
+            continue;
+        };
+        if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
+            if let Err(e) = m.run_after_send(s) {
+                failed.push((i, e));
+            }
+        }
+    }
+}
+
+/// Builds each entry with `entry` and runs its message's before-send hook
+/// on it; an entry that fails either fails its message.
+fn entries<E: std::any::Any>(
+    batch: &[OutgoingMessage],
+    request: Vec<Prepared>,
+    entry: impl Fn(Prepared) -> Result<E>,
+    failed: &mut Vec<(usize, Error)>,
+) -> (Vec<E>, Vec<usize>) {
+    let (mut out, mut indices) = (Vec::with_capacity(request.len()), Vec::new());
+    for p in request {
+        let index = p.index;
+        match entry(p).and_then(|mut e| batch[index].run_before_send(&mut e).map(|()| e)) {
+            Ok(e) => {
+                out.push(e);
+                indices.push(index);
+            }
+            Err(e) => failed.push((index, e)),
+        }
+    }
+    (out, indices)
 }
 
 impl AwsTopic {
@@ -228,71 +299,46 @@ impl AwsTopic {
         failed: &mut Vec<(usize, Error)>,
     ) {
         use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
-        let mut entries = Vec::with_capacity(request.len());
-        for p in request {
-            let entry = (|| {
-                let mut attrs = HashMap::with_capacity(p.encoded.attributes.len());
-                for (k, v) in p.encoded.attributes {
-                    let value = MessageAttributeValue::builder()
-                        .data_type("String")
-                        .string_value(v)
-                        .build()
-                        .map_err(sns_built)?;
-                    attrs.insert(k, value);
-                }
-                let mut entry = PublishBatchRequestEntry::builder()
-                    .id(p.index.to_string())
-                    .message(p.encoded.body)
-                    .set_message_attributes((!attrs.is_empty()).then_some(attrs))
-                    .set_message_group_id(p.group)
-                    .set_message_deduplication_id(p.dedup)
+        let entry = |p: Prepared| {
+            let attributes = attribute_map(p.encoded.attributes, |v| {
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
                     .build()
-                    .map_err(sns_built)?;
-                batch[p.index].run_before_send(&mut entry)?;
-                Ok::<_, Error>(entry)
-            })();
-            match entry {
-                Ok(e) => entries.push(e),
-                Err(e) => failed.push((p.index, e)),
-            }
-        }
+                    .map_err(built)
+            })?;
+            PublishBatchRequestEntry::builder()
+                .id(p.index.to_string())
+                .message(p.encoded.body)
+                .set_message_attributes(attributes)
+                .set_message_group_id(p.group)
+                .set_message_deduplication_id(p.dedup)
+                .build()
+                .map_err(built)
+        };
+        let (entries, indices) = entries(batch, request, entry, failed);
         if entries.is_empty() {
             return;
         }
-        let indices: Vec<usize> = entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+        let what = format!("PublishBatch to {arn}");
         let out = client
             .publish_batch()
             .topic_arn(arn)
             .set_publish_batch_request_entries(Some(entries))
             .send()
-            .await;
-        match out {
-            Err(e) => {
-                let e = error::call(&format!("PublishBatch to {arn}"), e);
-                failed.extend(indices.into_iter().map(|i| (i, e.clone())));
-            }
-            Ok(out) => {
-                for f in out.failed() {
-                    if let Ok(i) = f.id().parse::<usize>() {
-                        let what = format!("PublishBatch to {arn}");
-                        failed.push((
-                            i,
-                            error::entry(&what, f.code(), f.message(), f.sender_fault()),
-                        ));
-                    }
-                }
-                for s in out.successful() {
-                    let Some(i) = s.id().and_then(|id| id.parse::<usize>().ok()) else {
-                        continue;
-                    };
-                    if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
-                        if let Err(e) = m.run_after_send(s) {
-                            failed.push((i, e));
-                        }
-                    }
-                }
-            }
-        }
+            .await
+            .map_err(|e| error::call(&what, e));
+        record(
+            &what,
+            batch,
+            indices,
+            out.as_ref()
+                .map(|o| (o.failed(), o.successful()))
+                .map_err(Clone::clone),
+            |f| (f.id(), f.code(), f.message(), f.sender_fault()),
+            |s| s.id(),
+            failed,
+        );
     }
 
     async fn send_sqs(
@@ -303,71 +349,46 @@ impl AwsTopic {
         failed: &mut Vec<(usize, Error)>,
     ) {
         use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-        let mut entries = Vec::with_capacity(request.len());
-        for p in request {
-            let entry = (|| {
-                let mut attrs = HashMap::with_capacity(p.encoded.attributes.len());
-                for (k, v) in p.encoded.attributes {
-                    let value = MessageAttributeValue::builder()
-                        .data_type("String")
-                        .string_value(v)
-                        .build()
-                        .map_err(built)?;
-                    attrs.insert(k, value);
-                }
-                let mut entry = SendMessageBatchRequestEntry::builder()
-                    .id(p.index.to_string())
-                    .message_body(p.encoded.body)
-                    .set_message_attributes((!attrs.is_empty()).then_some(attrs))
-                    .set_message_group_id(p.group)
-                    .set_message_deduplication_id(p.dedup)
+        let entry = |p: Prepared| {
+            let attributes = attribute_map(p.encoded.attributes, |v| {
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
                     .build()
-                    .map_err(built)?;
-                batch[p.index].run_before_send(&mut entry)?;
-                Ok::<_, Error>(entry)
-            })();
-            match entry {
-                Ok(e) => entries.push(e),
-                Err(e) => failed.push((p.index, e)),
-            }
-        }
+                    .map_err(built)
+            })?;
+            SendMessageBatchRequestEntry::builder()
+                .id(p.index.to_string())
+                .message_body(p.encoded.body)
+                .set_message_attributes(attributes)
+                .set_message_group_id(p.group)
+                .set_message_deduplication_id(p.dedup)
+                .build()
+                .map_err(built)
+        };
+        let (entries, indices) = entries(batch, request, entry, failed);
         if entries.is_empty() {
             return;
         }
-        let indices: Vec<usize> = entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+        let what = format!("SendMessageBatch to {queue_url}");
         let out = client
             .send_message_batch()
             .queue_url(queue_url)
             .set_entries(Some(entries))
             .send()
-            .await;
-        match out {
-            Err(e) => {
-                let e = error::call(&format!("SendMessageBatch to {queue_url}"), e);
-                failed.extend(indices.into_iter().map(|i| (i, e.clone())));
-            }
-            Ok(out) => {
-                for f in out.failed() {
-                    if let Ok(i) = f.id().parse::<usize>() {
-                        let what = format!("SendMessageBatch to {queue_url}");
-                        failed.push((
-                            i,
-                            error::entry(&what, f.code(), f.message(), f.sender_fault()),
-                        ));
-                    }
-                }
-                for s in out.successful() {
-                    let Ok(i) = s.id().parse::<usize>() else {
-                        continue;
-                    };
-                    if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
-                        if let Err(e) = m.run_after_send(s) {
-                            failed.push((i, e));
-                        }
-                    }
-                }
-            }
-        }
+            .await
+            .map_err(|e| error::call(&what, e));
+        record(
+            &what,
+            batch,
+            indices,
+            out.as_ref()
+                .map(|o| (o.failed(), o.successful()))
+                .map_err(Clone::clone),
+            |f| (f.id(), f.code(), f.message(), f.sender_fault()),
+            |s| Some(s.id()),
+            failed,
+        );
     }
 }
 
