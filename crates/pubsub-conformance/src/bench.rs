@@ -327,3 +327,20 @@ pub fn ratio_row(label: &str, raws: &[f64], libs: &[f64]) {
         median(ratios)
     );
 }
+
+/// CPU time this process has used so far, summed over its threads (from
+/// Linux's `/proc/self/task/*/schedstat`, nanosecond-grained), or `None`
+/// where that is not readable. Benchmarks against emulators that share the
+/// machine's cores read it to tell the client's cost from the emulator's.
+pub fn process_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        // A thread that ended between listing and reading is skipped.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}

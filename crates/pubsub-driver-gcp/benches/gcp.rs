@@ -18,7 +18,8 @@
 //!
 //! `cargo bench -p pubsub-driver-gcp --bench gcp` runs everything; `-- 10`
 //! only the sends by that many senders, `-- sends` every send row,
-//! `-- receive` the receive row. `PUBSUB_BENCH_VERBOSE=1` prints each try;
+//! `-- receive` the receive row. `PUBSUB_BENCH_VERBOSE=1` prints each
+//! try, and for sends the bench process's CPU time a message on each side;
 //! `PUBSUB_BENCH_MAX_HANDLERS=N` runs the driver's topic with `N` send
 //! batches in flight instead of its default.
 
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pubsub_conformance::bench::{ratio_header, ratio_row as row};
+use pubsub_conformance::bench::{process_cpu, ratio_header, ratio_row as row};
 use pubsub_core::{Message, SubscriptionOptions, TopicOptions};
 use pubsub_driver_gcp::google_cloud_pubsub::client::{Publisher, SubscriptionAdmin, TopicAdmin};
 use pubsub_driver_gcp::google_cloud_pubsub::model;
@@ -193,6 +194,28 @@ async fn driver_sends(clients: &Clients, topic: &str, senders: usize, total: usi
     rate
 }
 
+/// With `PUBSUB_BENCH_VERBOSE` set, prints this process's CPU time a
+/// message on each side of a try: the emulator shares the cores, so a side
+/// that costs more CPU leaves the emulator less.
+fn cpu_per_message(
+    start: Option<Duration>,
+    mid: Option<Duration>,
+    end: Option<Duration>,
+    messages: usize,
+) {
+    if std::env::var_os("PUBSUB_BENCH_VERBOSE").is_none() {
+        return;
+    }
+    if let (Some(start), Some(mid), Some(end)) = (start, mid, end) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / messages as f64;
+        eprintln!(
+            "  client CPU a message: raw {:.2} µs, pubsub {:.2} µs",
+            per(mid - start),
+            per(end - mid)
+        );
+    }
+}
+
 fn header(first: &str) {
     ratio_header(first, "google-cloud-pubsub", TRIES);
 }
@@ -224,8 +247,11 @@ async fn sends(clients: &Clients, admin: &Admin, only: &[usize]) {
         let _ = driver_sends(clients, &topic, senders, total / 5).await;
         let (mut raws, mut libs) = (Vec::new(), Vec::new());
         for _ in 0..TRIES {
+            let cpu = process_cpu();
             raws.push(raw_sends(&raw, senders, total).await);
+            let mid = process_cpu();
             libs.push(driver_sends(clients, &topic, senders, total).await);
+            cpu_per_message(cpu, mid, process_cpu(), total);
         }
         row(&format!("{senders:>3} (raw {:?})", best.1), &raws, &libs);
     }
