@@ -1,14 +1,23 @@
 //! `pubsub`: send, receive and benchmark any backend by URL.
 //!
 //! ```text
-//! pubsub send URL [--attr k=v]... [BODY | -]
-//! pubsub receive URL [--count N] [--nack] [--json]
+//! pubsub send URL [--attr k=v]... [--timeout T] [BODY | -]
+//! pubsub receive URL [--count N] [--idle T] [--timeout T] [--nack] [--json]
 //! pubsub bench --topic URL --subscription URL [--messages N] [--size B]
 //!              [--senders S] [--receivers R]
 //! ```
 //!
 //! Drivers are compiled in through cargo features; `mem://` is always there
 //! (useful for `bench`, whose topic and subscription live in one process).
+//! Durations (`T`) are seconds (`1.5`) or a number with a unit (`500ms`,
+//! `1m30s`).
+//!
+//! `receive` stops taking messages at the first Ctrl-C, sends the acks of
+//! what it printed, closes the subscription and exits 0; a second Ctrl-C
+//! exits at once (130), leaving what was not acked to be redelivered.
+//!
+//! An error is printed once, on standard error; the exit code says what
+//! kind it was ([`EXIT_CODES`], shown by `pubsub --help`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
@@ -21,13 +30,32 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use base64::Engine;
 use clap::{Parser, Subcommand};
-use pubsub_core::{Message, Registry};
+use pubsub_core::{Error, ErrorKind, Message, Registry};
+
+/// What each exit code means, for `--help`; [`exit_code`] maps errors.
+const EXIT_CODES: &str = "\
+Exit codes:
+    0    done
+    1    any failure not listed below
+    2    bad command line: an unknown flag, a malformed --attr or duration
+    3    the topic or subscription does not exist (NotFound)
+    4    the backend refused the credentials (PermissionDenied)
+    5    the request is wrong for this backend: a malformed or unknown URL, an
+         unknown parameter, a message over its limits (InvalidArgument,
+         FailedPrecondition, AlreadyExists, Unimplemented)
+    6    the backend is unreachable or overloaded; try again (Unavailable,
+         ResourceExhausted)
+    7    --timeout ran out, or the backend timed out (DeadlineExceeded)
+    130  Ctrl-C twice: receive left without closing its subscription
+
+Durations are seconds (1.5) or a number with a unit (500ms, 1m30s).";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pubsub",
     version,
-    about = "Send, receive and benchmark any pub/sub backend by URL"
+    about = "Send, receive and benchmark any pub/sub backend by URL",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,21 +69,31 @@ enum Command {
         /// The topic URL, e.g. rabbit://orders.
         url: String,
         /// An attribute as KEY=VALUE; may be repeated.
-        #[arg(long = "attr", value_name = "KEY=VALUE")]
-        attrs: Vec<String>,
+        #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
+        attrs: Vec<(String, String)>,
+        /// Give up (exit 7) when opening, sending and closing take longer.
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
         /// The body; `-` or nothing reads standard input.
         body: Option<String>,
     },
-    /// Receive messages from a subscription and print them.
+    /// Receive messages from a subscription and print each: a line
+    /// `id=ID [ordering_key="K"] name="value"...`, then the body. Ctrl-C
+    /// stops, acks what was printed and closes (exit 0); twice, exits at
+    /// once (130).
     Receive {
         /// The subscription URL.
         url: String,
         /// Stop after this many messages (default: run until interrupted).
         #[arg(long)]
         count: Option<u64>,
-        /// Stop after this many seconds without a message.
-        #[arg(long, value_name = "SECONDS")]
-        idle: Option<f64>,
+        /// Stop after this long without a message.
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        idle: Option<Duration>,
+        /// Stop after this long in all; with `--count`, fewer messages by
+        /// then is a failure (exit 7).
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
         /// Nack instead of ack, so the messages are redelivered.
         #[arg(long)]
         nack: bool,
@@ -105,11 +143,68 @@ fn registry() -> Registry {
     registry
 }
 
-fn parse_attr(s: &str) -> anyhow::Result<(String, String)> {
+fn parse_attr(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => bail!("attribute {s:?} must look like KEY=VALUE"),
+        _ => Err(format!("attribute {s:?} must look like KEY=VALUE")),
     }
+}
+
+/// A duration as seconds (`1.5`) or with a unit (`500ms`, `1m30s`). NaN,
+/// infinities and negative or absurdly large figures are refused here
+/// rather than panicking later in `Duration`.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| {
+            format!("{s:?} is not a duration: give a finite number of seconds, 0 or more")
+        });
+    }
+    pubsub_core::parse_duration(s.trim()).map_err(|e| e.to_string())
+}
+
+/// The exit code for an error, as [`EXIT_CODES`] lists them.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let Some(kind) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<Error>().map(Error::kind))
+    else {
+        return 1;
+    };
+    match kind {
+        ErrorKind::NotFound => 3,
+        ErrorKind::PermissionDenied => 4,
+        ErrorKind::InvalidArgument
+        | ErrorKind::FailedPrecondition
+        | ErrorKind::AlreadyExists
+        | ErrorKind::Unimplemented => 5,
+        ErrorKind::Unavailable | ErrorKind::ResourceExhausted => 6,
+        ErrorKind::DeadlineExceeded => 7,
+        _ => 1,
+    }
+}
+
+/// `what` ran past `--timeout`.
+fn timed_out(what: &str, limit: Duration) -> anyhow::Error {
+    Error::new(
+        ErrorKind::DeadlineExceeded,
+        format!("{what} did not finish within --timeout {limit:?}"),
+    )
+    .into()
+}
+
+/// The plain form of a received message: a line with its id, ordering key
+/// and attributes (values quoted, sorted by name), then its body.
+fn plain_header(m: &Message) -> String {
+    let mut line = format!("id={}", m.id().unwrap_or("-"));
+    if let Some(k) = m.ordering_key() {
+        line.push_str(&format!(" ordering_key={k:?}"));
+    }
+    let mut attrs: Vec<_> = m.attributes().iter().collect();
+    attrs.sort();
+    for (k, v) in attrs {
+        line.push_str(&format!(" {k}={v:?}"));
+    }
+    line
 }
 
 fn json_line(m: &Message) -> serde_json::Value {
@@ -139,7 +234,12 @@ fn json_line(m: &Message) -> serde_json::Value {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let reg = registry();
     match cli.command {
-        Command::Send { url, attrs, body } => {
+        Command::Send {
+            url,
+            attrs,
+            timeout,
+            body,
+        } => {
             let body = match body.as_deref() {
                 None | Some("-") => {
                     let mut b = Vec::new();
@@ -151,40 +251,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(s) => s.as_bytes().to_vec(),
             };
             let mut msg = Message::new(body);
-            for a in &attrs {
-                let (k, v) = parse_attr(a)?;
-                msg.attributes_mut().insert(k, v);
+            msg.attributes_mut().extend(attrs);
+            let send = async {
+                let topic = reg.open_topic(&url).await?;
+                let sent = topic.send(msg).await;
+                let closed = topic.shutdown().await;
+                sent?;
+                closed?;
+                anyhow::Ok(())
+            };
+            match timeout {
+                Some(limit) => tokio::time::timeout(limit, send)
+                    .await
+                    .map_err(|_| timed_out("the send", limit))??,
+                None => send.await?,
             }
-            let topic = reg.open_topic(&url).await?;
-            let sent = topic.send(msg).await;
-            let closed = topic.shutdown().await;
-            sent?;
-            closed?;
         }
         Command::Receive {
             url,
             count,
             idle,
+            timeout,
             nack,
             json,
         } => {
-            let sub = reg.open_subscription(&url).await?;
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let opened = reg.open_subscription(&url);
+            let sub = match deadline {
+                Some(at) => tokio::time::timeout_at(at, opened).await.map_err(|_| {
+                    timed_out("opening the subscription", timeout.unwrap_or_default())
+                })??,
+                None => opened.await?,
+            };
+            let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
             let mut out = std::io::stdout().lock();
             let mut n = 0u64;
             let result = loop {
                 if count.is_some_and(|c| n >= c) {
                     break Ok(());
                 }
-                let next = match idle {
-                    Some(secs) => {
-                        match tokio::time::timeout(Duration::from_secs_f64(secs), sub.receive())
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => break Ok(()),
+                // The first of: a message, --idle without one, the end of
+                // --timeout, Ctrl-C. A receive cut short loses nothing.
+                let wait_until = [
+                    idle.map(|t| (tokio::time::Instant::now() + t, false)),
+                    deadline.map(|at| (at, true)),
+                ]
+                .into_iter()
+                .flatten()
+                .min_by_key(|(at, _)| *at);
+                let next = tokio::select! {
+                    r = sub.receive() => r,
+                    _ = &mut interrupted => break Ok(()),
+                    overall = async {
+                        match wait_until {
+                            Some((at, overall)) => {
+                                tokio::time::sleep_until(at).await;
+                                overall
+                            }
+                            None => std::future::pending().await,
                         }
+                    } => {
+                        if overall && count.is_some() {
+                            break Err(Error::new(
+                                ErrorKind::DeadlineExceeded,
+                                format!(
+                                    "received {n} of --count {} messages within --timeout {:?}",
+                                    count.unwrap_or_default(),
+                                    timeout.unwrap_or_default()
+                                ),
+                            ));
+                        }
+                        break Ok(());
                     }
-                    None => sub.receive().await,
                 };
                 let m = match next {
                     Ok(m) => m,
@@ -193,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     writeln!(out, "{}", json_line(&m))?;
                 } else {
+                    writeln!(out, "{}", plain_header(&m))?;
                     out.write_all(m.body())?;
                     writeln!(out)?;
                 }
@@ -204,7 +343,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     m.ack();
                 }
             };
-            let closed = sub.shutdown().await;
+            // Closing sends the acks of what was printed. Ctrl-C again
+            // leaves at once: the broker redelivers what was not acked.
+            let closed = tokio::select! {
+                closed = sub.shutdown() => closed,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted again: exiting without closing the subscription");
+                    std::process::exit(130);
+                }
+            };
             result?;
             closed?;
         }
@@ -285,7 +432,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
 }
@@ -307,6 +454,17 @@ fn describe(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_error_kind_through_context() {
+        let wrapped =
+            |kind| anyhow::Error::from(Error::new(kind, "x")).context("opening the subscription");
+        assert_eq!(exit_code(&wrapped(ErrorKind::NotFound)), 3);
+        assert_eq!(exit_code(&wrapped(ErrorKind::InvalidArgument)), 5);
+        assert_eq!(exit_code(&wrapped(ErrorKind::Unavailable)), 6);
+        assert_eq!(exit_code(&timed_out("the send", Duration::from_secs(1))), 7);
+        assert_eq!(exit_code(&anyhow::anyhow!("stdout closed")), 1);
+    }
 
     #[test]
     fn errors_print_each_cause_once() {

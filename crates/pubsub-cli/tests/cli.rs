@@ -66,7 +66,7 @@ fn unknown_scheme_fails_with_the_registered_ones() {
         .args(["send", "nope://x", "body"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"nope\""), "{err}");
     assert!(
@@ -83,8 +83,77 @@ fn malformed_attribute_is_a_usage_error() {
         .args(["send", "mem://x", "--attr", "novalue", "b"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8(out.stderr).unwrap().contains("KEY=VALUE"));
+}
+
+#[test]
+fn durations_are_checked_before_anything_runs() {
+    for bad in ["nan", "inf", "1e300", "-1", "abc", "5 parsecs"] {
+        let out = pubsub()
+            .args(["receive", "mem://x", &format!("--idle={bad}")])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--idle {bad}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("--idle"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    for good in ["0.1", "100ms"] {
+        pubsub()
+            .args(["receive", "mem://x", "--idle", good])
+            .timeout(std::time::Duration::from_secs(10))
+            .assert()
+            .success();
+    }
+}
+
+#[test]
+fn receive_timeout_ends_cleanly_unless_a_count_was_not_met() {
+    let started = std::time::Instant::now();
+    pubsub()
+        .args(["receive", "mem://cli-timeout", "--timeout", "300ms"])
+        .timeout(std::time::Duration::from_secs(10))
+        .assert()
+        .success();
+    let out = pubsub()
+        .args([
+            "receive",
+            "mem://cli-timeout",
+            "--count",
+            "1",
+            "--timeout",
+            "0.3",
+        ])
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("received 0 of --count 1"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+}
+
+/// A server that accepts connections and never answers: the AMQP
+/// handshake waits for ever, and `--timeout` must end it, without the
+/// URL's password in the message.
+#[cfg(feature = "amqp")]
+#[test]
+fn send_timeout_ends_a_send_to_a_silent_server() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:s3cret@{}/%2f", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let out = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["send", "rabbit://nowhere", "--timeout", "1s", "body"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("did not finish within --timeout 1s"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
 
 #[test]
@@ -128,15 +197,17 @@ fn send_then_receive_json(
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// RabbitMQ's URL, and a fresh fanout exchange with a queue bound to it,
+/// both named `cli-PID-TAG`, removed by the broker a minute after use.
 #[cfg(feature = "amqp")]
-#[test]
-fn rabbit_send_then_receive_json() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+fn rabbit_queue(
+    rt: &tokio::runtime::Runtime,
+    tag: &str,
+) -> (String, String, pubsub_driver_amqp::lapin::Connection) {
     let url = std::env::var("RABBIT_SERVER_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    let name = format!("cli-{:08x}", std::process::id());
-    // The auto-delete queue lives while this connection does.
-    let _conn = rt.block_on(async {
+    let name = format!("cli-{:08x}-{tag}", std::process::id());
+    let conn = rt.block_on(async {
         use pubsub_driver_amqp::lapin::{options::*, types::*, *};
         let conn = Connection::connect(&url, ConnectionProperties::default())
             .await
@@ -153,16 +224,13 @@ fn rabbit_send_then_receive_json() {
         )
         .await
         .unwrap();
-        ch.queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        // Not auto-delete, which would go with the CLI's consumer: the
+        // broker deletes it once unused for a minute.
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+        ch.queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+            .await
+            .unwrap();
         ch.queue_bind(
             name.as_str().into(),
             name.as_str().into(),
@@ -174,11 +242,101 @@ fn rabbit_send_then_receive_json() {
         .unwrap();
         conn
     });
+    (url, name, conn)
+}
+
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_send_then_receive_json() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "json");
     let target = format!("rabbit://{name}");
     let line = send_then_receive_json(&[("RABBIT_SERVER_URL", &url)], &target, &target, "hi there");
     assert_eq!(line["body"], "hi there");
     assert_eq!(line["attributes"]["k"], "v");
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+/// Ctrl-C on `receive`: it stops, sends the acks of what it printed and
+/// exits 0, so none of it comes back (RabbitMQ requeues at once what a
+/// closed channel left unacked). Plain output shows ids and attributes.
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_ctrl_c_acks_what_was_received() {
+    use std::io::BufRead;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "sigint");
+    let target = format!("rabbit://{name}");
+    for i in 0..3 {
+        pubsub()
+            .env("RABBIT_SERVER_URL", &url)
+            .args(["send", &target, "--attr", "k=v w", &format!("body {i}")])
+            .assert()
+            .success();
+    }
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("pubsub"))
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["receive", &target])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.len() < 6 {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => lines.push(line),
+            Err(e) => panic!("receive printed {lines:?} and then nothing ({e})"),
+        }
+    }
+    for (i, pair) in lines.chunks(2).enumerate() {
+        assert!(pair[0].starts_with("id="), "{pair:?}");
+        assert!(pair[0].ends_with(r#" k="v w""#), "{pair:?}");
+        assert_eq!(pair[1], format!("body {i}"));
+    }
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("receive did not exit within 30 s of Ctrl-C");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    let again = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["receive", &target, "--idle", "2s", "--json"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        again.stdout.is_empty(),
+        "acked messages came back: {}",
+        String::from_utf8_lossy(&again.stdout)
+    );
 }
 
 /// A round trip through the Kafka-protocol broker: the CLI sends, then a
