@@ -1,10 +1,12 @@
 //! `pubsub`: send, receive and benchmark any backend by URL.
 //!
 //! ```text
-//! pubsub send URL [--attr k=v]... [--timeout T] [BODY | -]
+//! pubsub send URL [--attr k=v]... [--ordering-key K] [--timeout T] [BODY | -]
+//! pubsub send URL --lines | --json-lines   (a message a line of stdin)
 //! pubsub receive URL [--count N] [--idle T] [--timeout T] [--nack] [--json]
-//! pubsub bench --topic URL --subscription URL [--messages N] [--size B]
-//!              [--senders S] [--receivers R]
+//! pubsub bench --topic URL (--subscription URL | --sends-only) [--messages N]
+//!              [--size B] [--senders S] [--receivers R] [--stall T] [--json]
+//! pubsub schemes
 //! ```
 //!
 //! Drivers are compiled in through cargo features; `mem://` is always there
@@ -21,7 +23,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,13 +66,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Send one message to a topic.
+    /// Send a message to a topic, or one a line of standard input.
     Send {
         /// The topic URL, e.g. rabbit://orders.
         url: String,
         /// An attribute as KEY=VALUE; may be repeated.
         #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
         attrs: Vec<(String, String)>,
+        /// The message's ordering key (for backends that keep order by key).
+        #[arg(long, value_name = "KEY")]
+        ordering_key: Option<String>,
+        /// Send each non-empty line of standard input as a message.
+        #[arg(long, conflicts_with_all = ["json_lines", "body"])]
+        lines: bool,
+        /// Send each non-empty line of standard input as a message given in
+        /// `receive --json`'s form: `body` or `body_base64`, `attributes`,
+        /// `ordering_key` (`--attr` and `--ordering-key` fill in what a line
+        /// lacks; `id` is ignored).
+        #[arg(long, conflicts_with = "body")]
+        json_lines: bool,
         /// Give up (exit 7) when opening, sending and closing take longer.
         #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
         timeout: Option<Duration>,
@@ -101,15 +115,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the URL schemes this binary opens, each with its URL forms.
+    Schemes,
     /// Measure end-to-end throughput and latency through a topic and a
     /// subscription to it.
     Bench {
         /// The topic URL.
         #[arg(long)]
         topic: String,
-        /// The subscription URL; opened before sending starts.
+        /// The subscription URL; opened before sending starts. Not with
+        /// `--sends-only`.
+        #[arg(
+            long,
+            required_unless_present = "sends_only",
+            conflicts_with = "sends_only"
+        )]
+        subscription: Option<String>,
+        /// Measure sends alone: each sender awaits each send; nothing is
+        /// received.
         #[arg(long)]
-        subscription: String,
+        sends_only: bool,
+        /// Fail (exit 7) when no message arrives for this long, as when
+        /// the subscription is not fed by the topic.
+        #[arg(long, value_name = "DURATION", value_parser = parse_seconds, default_value = "30s")]
+        stall: Duration,
+        /// Print the results as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// Messages to send.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -183,6 +215,164 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// `bench --sends-only`: `senders` tasks send `messages` in all, each
+/// awaiting each send; the first failure ends the run.
+async fn send_only(
+    topic: &pubsub_core::Topic,
+    senders: usize,
+    messages: u64,
+    size: usize,
+    progress: &Arc<AtomicU64>,
+) -> pubsub_core::Result<pubsub_conformance::bench::Report> {
+    let senders = senders.max(1) as u64;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..senders {
+        let (topic, progress) = (topic.clone(), progress.clone());
+        let n = messages / senders + u64::from(s < messages % senders);
+        tasks.spawn(async move {
+            for _ in 0..n {
+                topic
+                    .send(Message::new(pubsub_conformance::bench::stamped_body(size)))
+                    .await?;
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            pubsub_core::Result::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(Error::internal(format!("a sender failed: {e}"))),
+        }
+    }
+    Ok(pubsub_conformance::bench::Report {
+        messages,
+        elapsed: started.elapsed(),
+        latencies: Vec::new(),
+    })
+}
+
+/// Sends read ahead of their results, so a stream of lines is not one
+/// round trip a message.
+const SEND_WINDOW: usize = 64;
+
+/// Sends each non-empty line of standard input, in order, with up to
+/// [`SEND_WINDOW`] in flight. After a failure no more lines are read, the
+/// sends in flight are awaited, and the first failure is returned naming
+/// its line.
+async fn send_lines(
+    topic: &pubsub_core::Topic,
+    json: bool,
+    attrs: &[(String, String)],
+    ordering_key: Option<&str>,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    // Standard input is read on a thread of its own: a read waiting for
+    // input must not hold up the sends in flight.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(SEND_WINDOW);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    let mut number = 0u64;
+    let mut reading = true;
+    let mut first_error: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            line = rx.recv(), if reading && in_flight.len() < SEND_WINDOW => {
+                let Some(line) = line else {
+                    reading = false;
+                    continue;
+                };
+                number += 1;
+                let line = line.context("reading standard input")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let parsed = if json {
+                    message_from_json(&line)
+                } else {
+                    Ok(Message::new(line.into_bytes()))
+                };
+                let mut msg = match parsed {
+                    Ok(m) => m,
+                    Err(e) => {
+                        first_error = Some(anyhow::Error::from(e).context(format!("line {number}")));
+                        reading = false;
+                        continue;
+                    }
+                };
+                for (k, v) in attrs {
+                    msg.attributes_mut().entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                if let (Some(key), None) = (ordering_key, msg.ordering_key()) {
+                    msg = msg.with_ordering_key(key);
+                }
+                let topic = topic.clone();
+                in_flight.push_back(async move { (number, topic.send(msg).await) });
+            }
+            Some((line, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(e) = result {
+                    if first_error.is_none() {
+                        first_error = Some(anyhow::Error::from(e)
+                            .context(format!("the message on line {line} was not sent")));
+                    }
+                    reading = false;
+                }
+            }
+            else => break,
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// A message in `receive --json`'s form.
+fn message_from_json(line: &str) -> Result<Message, Error> {
+    let bad = |what: String| Error::invalid_argument(what);
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad("a JSON line must be an object".into()))?;
+    let body = match (object.get("body"), object.get("body_base64")) {
+        (Some(serde_json::Value::String(s)), None) => s.clone().into_bytes(),
+        (None, Some(serde_json::Value::String(s))) => base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| bad(format!("body_base64 is not base64: {e}")))?,
+        (None, None) => Vec::new(),
+        _ => {
+            return Err(bad(
+                "give one of body (a string) or body_base64 (a base64 string)".into(),
+            ))
+        }
+    };
+    let mut msg = Message::new(body);
+    match object.get("attributes") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(attrs)) => {
+            for (k, v) in attrs {
+                let v = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("attribute {k:?} must be a string")))?;
+                msg.attributes_mut().insert(k.clone(), v.to_owned());
+            }
+        }
+        Some(_) => return Err(bad("attributes must be an object of strings".into())),
+    }
+    match object.get("ordering_key") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(k)) => msg = msg.with_ordering_key(k.clone()),
+        Some(_) => return Err(bad("ordering_key must be a string".into())),
+    }
+    Ok(msg)
+}
+
 /// `what` ran past `--timeout`.
 fn timed_out(what: &str, limit: Duration) -> anyhow::Error {
     Error::new(
@@ -237,8 +427,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send {
             url,
             attrs,
+            ordering_key,
+            lines,
+            json_lines,
+            timeout,
+            ..
+        } if lines || json_lines => {
+            let send = async {
+                let topic = reg.open_topic(&url).await?;
+                let sent = send_lines(&topic, json_lines, &attrs, ordering_key.as_deref()).await;
+                let closed = topic.shutdown().await;
+                sent?;
+                closed?;
+                anyhow::Ok(())
+            };
+            match timeout {
+                Some(limit) => tokio::time::timeout(limit, send)
+                    .await
+                    .map_err(|_| timed_out("sending", limit))??,
+                None => send.await?,
+            }
+        }
+        Command::Send {
+            url,
+            attrs,
+            ordering_key,
             timeout,
             body,
+            ..
         } => {
             let body = match body.as_deref() {
                 None | Some("-") => {
@@ -252,6 +468,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut msg = Message::new(body);
             msg.attributes_mut().extend(attrs);
+            if let Some(key) = ordering_key {
+                msg = msg.with_ordering_key(key);
+            }
             let send = async {
                 let topic = reg.open_topic(&url).await?;
                 let sent = topic.send(msg).await;
@@ -355,9 +574,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result?;
             closed?;
         }
+        Command::Schemes => {
+            let mut out = std::io::stdout().lock();
+            for scheme in reg.schemes() {
+                writeln!(out, "{scheme}")?;
+                let forms = reg.url_forms(&scheme);
+                if forms.is_empty() {
+                    writeln!(out, "    (its driver describes no URL forms)")?;
+                }
+                for form in forms {
+                    writeln!(out, "    {form}")?;
+                }
+            }
+        }
         Command::Bench {
             topic,
             subscription,
+            sends_only,
+            stall,
+            json,
             messages,
             size,
             senders,
@@ -366,10 +601,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if size < 8 {
                 bail!("--size must be at least 8: the send time travels in the body");
             }
-            let sub = reg.open_subscription(&subscription).await?;
+            let sub = match &subscription {
+                Some(url) if !sends_only => Some(reg.open_subscription(url).await?),
+                _ => None,
+            };
             let topic = reg.open_topic(&topic).await?;
             let progress = Arc::new(AtomicU64::new(0));
-            let bar = indicatif::ProgressBar::new(messages);
+            let bar = if json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(messages)
+            };
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{bar:40} {pos}/{len} messages {per_sec} eta {eta}",
@@ -386,27 +628,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
             };
-            let pairs = [(topic.clone(), sub.clone())];
-            let report = pubsub_conformance::bench::end_to_end_with_progress(
-                &pairs, senders, receivers, messages, size, &progress,
-            )
-            .await;
+            let run = match &sub {
+                Some(sub) => {
+                    let pairs = [(topic.clone(), sub.clone())];
+                    pubsub_conformance::bench::try_end_to_end(
+                        &pairs, senders, receivers, messages, size, &progress, stall,
+                    )
+                    .await
+                }
+                None => send_only(&topic, senders, messages, size, &progress).await,
+            };
             ticker.abort();
             bar.finish_and_clear();
-            println!(
-                "{} messages of {size} bytes, {senders} senders, {receivers} receivers, in {:.2?}",
-                report.messages, report.elapsed
-            );
-            println!("throughput: {:.0} msg/s", report.rate());
-            println!(
-                "latency: p50 {:.1?}  p90 {:.1?}  p99 {:.1?}  max {:.1?}",
-                report.latency(0.5),
-                report.latency(0.9),
-                report.latency(0.99),
-                report.latency(1.0)
-            );
-            topic.shutdown().await?;
-            sub.shutdown().await?;
+            let closed = topic.shutdown().await;
+            let sub_closed = match &sub {
+                Some(sub) => sub.shutdown().await,
+                None => Ok(()),
+            };
+            let report = run?;
+            closed?;
+            sub_closed?;
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            if json {
+                let mut o = serde_json::json!({
+                    "messages": report.messages,
+                    "size": size,
+                    "senders": senders,
+                    "seconds": report.elapsed.as_secs_f64(),
+                    "msg_per_s": report.rate(),
+                });
+                if sub.is_some() {
+                    o["receivers"] = receivers.into();
+                    o["latency_us"] = serde_json::json!({
+                        "p50": us(report.latency(0.5)),
+                        "p90": us(report.latency(0.9)),
+                        "p99": us(report.latency(0.99)),
+                        "max": us(report.latency(1.0)),
+                    });
+                }
+                println!("{o}");
+            } else if sub.is_some() {
+                println!(
+                    "{} messages of {size} bytes, {senders} senders, {receivers} receivers, in {:.2?}",
+                    report.messages, report.elapsed
+                );
+                println!("throughput: {:.0} msg/s", report.rate());
+                println!(
+                    "latency: p50 {:.1?}  p90 {:.1?}  p99 {:.1?}  max {:.1?}",
+                    report.latency(0.5),
+                    report.latency(0.9),
+                    report.latency(0.99),
+                    report.latency(1.0)
+                );
+            } else {
+                println!(
+                    "{} messages of {size} bytes sent by {senders} senders in {:.2?}",
+                    report.messages, report.elapsed
+                );
+                println!("throughput: {:.0} msg/s", report.rate());
+            }
         }
     }
     Ok(())

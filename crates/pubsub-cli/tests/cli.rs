@@ -38,6 +38,76 @@ fn bench_over_mem_reports_throughput_and_latency() {
 }
 
 #[test]
+fn bench_json_end_to_end_and_sends_only() {
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = pubsub()
+            .args(["bench", "--topic", "mem://cli-bench-json", "--json"])
+            .args(["--messages", "1000", "--senders", "4"])
+            .args(args)
+            .timeout(std::time::Duration::from_secs(60))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let both = run(&["--subscription", "mem://cli-bench-json", "--receivers", "2"]);
+    assert_eq!(both["messages"], 1000);
+    assert_eq!(both["receivers"], 2);
+    assert!(both["msg_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        both["latency_us"]["p99"].as_f64().unwrap() >= both["latency_us"]["p50"].as_f64().unwrap()
+    );
+    let sends = run(&["--sends-only"]);
+    assert_eq!(sends["messages"], 1000);
+    assert!(sends["msg_per_s"].as_f64().unwrap() > 0.0);
+    assert!(sends.get("latency_us").is_none(), "{sends}");
+}
+
+/// A subscription its topic does not feed: the bench used to wait for
+/// ever; now it ends after `--stall` with exit 7.
+#[test]
+fn bench_with_an_unfed_subscription_ends_after_the_stall() {
+    let out = pubsub()
+        .args([
+            "bench",
+            "--topic",
+            "mem://cli-bench-a",
+            "--subscription",
+            "mem://cli-bench-b",
+        ])
+        .args(["--messages", "100", "--stall", "500ms"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("0 of 100 messages arrived"), "{err}");
+    assert!(
+        err.contains("is the subscription fed by the topic?"),
+        "{err}"
+    );
+}
+
+/// A send the backend refuses ends the bench with its error and exit
+/// code, not a panic.
+#[test]
+fn bench_send_failure_is_an_error_not_a_panic() {
+    let out = pubsub()
+        .args(["bench", "--topic", "mem://cli-bench-big", "--sends-only"])
+        .args(["--messages", "10", "--size", "20000000"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn send_to_mem_succeeds_and_reads_stdin() {
     pubsub()
         .args(["send", "mem://cli-send", "--attr", "k=v", "hello"])
@@ -75,6 +145,48 @@ fn unknown_scheme_fails_with_the_registered_ones() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn schemes_lists_every_driver_with_its_url_forms() {
+    let out = pubsub().arg("schemes").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let schemes = [
+        "awssns",
+        "awssqs",
+        "gcppubsub",
+        "kafka",
+        "mem",
+        "nats",
+        "rabbit",
+        "redis",
+    ];
+    for scheme in schemes {
+        assert!(
+            text.lines().any(|l| l == scheme),
+            "{scheme} missing:\n{text}"
+        );
+        let form = format!("    {scheme}://");
+        assert!(
+            text.lines().any(|l| l.starts_with(&form)),
+            "no URL form for {scheme}:\n{text}"
+        );
+    }
+    assert!(!text.contains("describes no URL forms"), "{text}");
+}
+
+#[test]
+fn a_bad_json_line_is_refused_naming_its_line() {
+    let out = pubsub()
+        .args(["send", "mem://cli-json", "--json-lines"])
+        .write_stdin("{\"body\": \"ok\"}\n{\"body\": 1}\n")
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("line 2"), "{err}");
 }
 
 #[test]
@@ -337,6 +449,79 @@ fn rabbit_ctrl_c_acks_what_was_received() {
         "acked messages came back: {}",
         String::from_utf8_lossy(&again.stdout)
     );
+}
+
+/// `send --lines` and `--json-lines` (the form `receive --json` prints):
+/// a message a non-empty line, flags filling in what a line lacks.
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_send_lines_and_json_lines() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "lines");
+    let target = format!("rabbit://{name}");
+    pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["send", &target, "--lines", "--attr", "src=cli"])
+        .write_stdin("a\n\nb\n")
+        .timeout(std::time::Duration::from_secs(30))
+        .assert()
+        .success();
+    pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["send", &target, "--json-lines", "--attr", "src=json"])
+        .write_stdin(
+            "{\"id\": \"ignored\", \"body\": \"c\", \"attributes\": {\"src\": \"line\"}}\n\
+             {\"body_base64\": \"//4=\"}\n",
+        )
+        .timeout(std::time::Duration::from_secs(30))
+        .assert()
+        .success();
+    let out = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args([
+            "receive",
+            &target,
+            "--count",
+            "4",
+            "--json",
+            "--timeout",
+            "30s",
+        ])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: Vec<(String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let body = v["body"]
+                .as_str()
+                .map(|b| format!("body {b}"))
+                .unwrap_or_else(|| format!("base64 {}", v["body_base64"].as_str().unwrap()));
+            (body, v["attributes"]["src"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    got.sort();
+    let want = [
+        ("base64 //4=", "json"),
+        ("body a", "cli"),
+        ("body b", "cli"),
+        ("body c", "line"),
+    ];
+    assert_eq!(got, want.map(|(b, s)| (b.to_owned(), s.to_owned())));
+    let rest = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["receive", &target, "--idle", "1s"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert!(rest.stdout.is_empty(), "the empty line was sent");
 }
 
 /// A round trip through the Kafka-protocol broker: the CLI sends, then a

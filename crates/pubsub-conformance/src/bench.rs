@@ -109,6 +109,7 @@ impl Samples {
 /// Sends `per_topic` messages of `size` bytes through each topic with
 /// `senders` tasks per topic, and receives and acks them with `receivers`
 /// tasks per subscription. Returns once every message was received.
+/// Panics where [`try_end_to_end`] fails, with its error.
 pub async fn end_to_end(
     pairs: &[(Topic, Subscription)],
     senders: usize,
@@ -116,23 +117,40 @@ pub async fn end_to_end(
     per_topic: u64,
     size: usize,
 ) -> Report {
-    end_to_end_with_progress(pairs, senders, receivers, per_topic, size, &Arc::default()).await
+    let progress = Arc::default();
+    let run = try_end_to_end(
+        pairs,
+        senders,
+        receivers,
+        per_topic,
+        size,
+        &progress,
+        Duration::from_secs(120),
+    );
+    match run.await {
+        Ok(report) => report,
+        Err(e) => panic!("benchmark run failed: {e}"),
+    }
 }
 
-/// [`end_to_end`], counting received messages in `progress` as it goes.
-pub async fn end_to_end_with_progress(
+/// [`end_to_end`] as a command line runs it: received messages are
+/// counted in `progress` as they come, and instead of a panic it fails
+/// with the first send or receive error, or with `DeadlineExceeded` when
+/// nothing arrives for `stall` (a subscription not fed by its topic would
+/// otherwise wait for ever).
+pub async fn try_end_to_end(
     pairs: &[(Topic, Subscription)],
     senders: usize,
     receivers: usize,
     per_topic: u64,
     size: usize,
     progress: &Arc<AtomicU64>,
-) -> Report {
+    stall: Duration,
+) -> pubsub_core::Result<Report> {
     let total = per_topic * pairs.len() as u64;
     let samples = Arc::new(Samples::new(total));
     let started = Instant::now();
-    let mut senders_set = tokio::task::JoinSet::new();
-    let mut receivers_set = tokio::task::JoinSet::new();
+    let mut tasks: tokio::task::JoinSet<pubsub_core::Result<()>> = tokio::task::JoinSet::new();
     // Set once every topic's messages arrived. Receivers that still wait
     // in `receive` are then aborted (it is cancel-safe), so no timer is
     // armed around each receive.
@@ -144,12 +162,11 @@ pub async fn end_to_end_with_progress(
         for s in 0..senders {
             let t = topic.clone();
             let n = per_topic / senders + u64::from(s < per_topic % senders);
-            senders_set.spawn(async move {
+            tasks.spawn(async move {
                 for _ in 0..n {
-                    t.send(Message::new(stamped_body(size)))
-                        .await
-                        .expect("send");
+                    t.send(Message::new(stamped_body(size))).await?;
                 }
+                Ok(())
             });
         }
         for _ in 0..receivers.max(1) {
@@ -159,9 +176,9 @@ pub async fn end_to_end_with_progress(
             let progress = progress.clone();
             let done = done.clone();
             let topics_left = topics_left.clone();
-            receivers_set.spawn(async move {
+            tasks.spawn(async move {
                 loop {
-                    let m = sub.receive().await.expect("receive");
+                    let m = sub.receive().await?;
                     samples.record(m.body());
                     progress.fetch_add(1, Ordering::Relaxed);
                     m.ack();
@@ -169,28 +186,51 @@ pub async fn end_to_end_with_progress(
                         if topics_left.fetch_sub(1, Ordering::AcqRel) == 1 {
                             done.notify_one();
                         }
-                        return;
+                        return Ok(());
                     }
                 }
             });
         }
     }
-    while let Some(r) = senders_set.join_next().await {
-        r.expect("benchmark sender");
-    }
-    done.notified().await;
-    let elapsed = started.elapsed();
-    receivers_set.abort_all();
-    while let Some(r) = receivers_set.join_next().await {
-        if let Err(e) = r {
-            assert!(e.is_cancelled(), "benchmark receiver failed: {e}");
+    let mut finished = std::pin::pin!(done.notified());
+    let mut seen = (progress.load(Ordering::Relaxed), Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(stall));
+    let outcome = loop {
+        tokio::select! {
+            _ = &mut finished => break Ok(started.elapsed()),
+            Some(r) = tasks.join_next() => match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(pubsub_core::Error::internal(format!(
+                    "a benchmark task failed: {e}"
+                ))),
+            },
+            _ = tick.tick() => {
+                let now = progress.load(Ordering::Relaxed);
+                if now != seen.0 {
+                    seen = (now, Instant::now());
+                } else if seen.1.elapsed() >= stall {
+                    break Err(pubsub_core::Error::new(
+                        pubsub_core::ErrorKind::DeadlineExceeded,
+                        format!(
+                            "{now} of {total} messages arrived, then none for {stall:?}: \
+                             is the subscription fed by the topic?"
+                        ),
+                    ));
+                }
+            }
         }
-    }
-    Report {
+    };
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let elapsed = outcome?;
+    Ok(Report {
         messages: total,
         elapsed,
-        latencies: Arc::try_unwrap(samples).expect("tasks done").into_sorted(),
-    }
+        latencies: Arc::try_unwrap(samples)
+            .map_err(|_| pubsub_core::Error::internal("benchmark tasks outlived the run"))?
+            .into_sorted(),
+    })
 }
 
 /// The in-process limit: the same shape as [`end_to_end`] over plain

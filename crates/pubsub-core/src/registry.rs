@@ -25,6 +25,14 @@ pub trait Opener: Send + Sync + 'static {
 
     /// Opens a subscription, likewise lazily checked.
     async fn open_subscription(&self, url: &Url) -> Result<Subscription>;
+
+    /// The URL forms this opener takes for `scheme`, one a line, topics
+    /// first, each saying what it opens (`pubsub schemes` prints them).
+    /// None by default.
+    fn url_forms(&self, scheme: &str) -> &'static [&'static str] {
+        let _ = scheme;
+        &[]
+    }
 }
 
 /// A table from URL scheme to [`Opener`].
@@ -63,6 +71,18 @@ impl Registry {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// The URL forms the opener registered for `scheme` describes
+    /// ([`Opener::url_forms`]); none for a scheme not registered.
+    pub fn url_forms(&self, scheme: &str) -> &'static [&'static str] {
+        let opener = self
+            .openers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&scheme.to_ascii_lowercase())
+            .cloned();
+        opener.map_or(&[], |o| o.url_forms(scheme))
     }
 
     fn opener(&self, url: &str) -> Result<(Arc<dyn Opener>, Url)> {

@@ -184,6 +184,13 @@ fn name_of(url: &Url, what: &str) -> Result<String> {
 
 #[async_trait]
 impl Opener for RabbitOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "rabbit://EXCHANGE[?key_name=ATTR]  (topic; broker from RABBIT_SERVER_URL)",
+            "rabbit://QUEUE[?key_name=ATTR&prefetch_count=N]  (subscription)",
+        ]
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let exchange = name_of(url, "an exchange name")?;
         let mut config = TopicConfig::default();

@@ -490,6 +490,17 @@ fn subscription_params(url: &Url) -> Result<(AwsParams, SubscriptionConfig)> {
 
 #[async_trait]
 impl Opener for AwsOpener {
+    fn url_forms(&self, scheme: &str) -> &'static [&'static str] {
+        if scheme.eq_ignore_ascii_case(SQS_SCHEME) {
+            &[
+                "awssqs://HOST/ACCOUNT/QUEUE[?region=R&endpoint=URL&profile=P]  (topic: sends straight to the queue)",
+                "awssqs://HOST/ACCOUNT/QUEUE[?raw=BOOL&nacklazy=BOOL&waittime=DURATION&...]  (subscription)",
+            ]
+        } else {
+            &["awssns:///arn:aws:sns:REGION:ACCOUNT:TOPIC[?region=R&endpoint=URL&profile=P]  (topic)"]
+        }
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let params = topic_params(url)?;
         match url.scheme() {
@@ -560,6 +571,10 @@ impl Opener for SharedOpener {
 
     async fn open_subscription(&self, url: &Url) -> Result<Subscription> {
         self.0.open_subscription(url).await
+    }
+
+    fn url_forms(&self, scheme: &str) -> &'static [&'static str] {
+        self.0.url_forms(scheme)
     }
 }
 

@@ -346,6 +346,13 @@ fn subscription_config(url: &Url) -> Result<SubscriptionConfig> {
 
 #[async_trait]
 impl Opener for GcpOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "gcppubsub://projects/P/topics/T or gcppubsub://P/T[?max_send_batch_size=N&ordering=BOOL]  (topic)",
+            "gcppubsub://projects/P/subscriptions/S or gcppubsub://P/S[?max_recv_batch_size=N&nacklazy=BOOL]  (subscription)",
+        ]
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let name = name_of(url, "gcppubsub://my-project/orders")?;
         let config = topic_config(url)?;

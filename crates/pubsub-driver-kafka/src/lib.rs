@@ -217,6 +217,13 @@ fn name_of(url: &Url, what: &str) -> Result<String> {
 
 #[async_trait]
 impl Opener for KafkaOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "kafka://TOPIC[?key_name=ATTR]  (topic; brokers from KAFKA_BROKERS)",
+            "kafka://GROUP?topic=TOPIC[&offset=oldest|newest&key_name=ATTR]  (subscription: a consumer group)",
+        ]
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let topic = name_of(url, "a topic name")?;
         let mut config = TopicConfig::default();

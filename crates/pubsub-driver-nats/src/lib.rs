@@ -256,6 +256,13 @@ fn name_of(url: &Url, what: &str, example: &str) -> Result<String> {
 
 #[async_trait]
 impl Opener for NatsOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "nats://SUBJECT[?natsv2=BOOL]  (topic: JetStream publishes; server from NATS_SERVER_URL)",
+            "nats://STREAM?consumer=DURABLE[&batch=N]  (subscription: a pull consumer)",
+        ]
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let subject = name_of(url, "a subject", "nats://orders.created")?;
         for (k, v) in query_pairs(url) {

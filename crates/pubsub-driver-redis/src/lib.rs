@@ -173,6 +173,13 @@ fn number(k: &str, v: &str) -> Result<u64> {
 
 #[async_trait]
 impl Opener for RedisOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "redis://STREAM[?maxlen=N]  (topic; server from REDIS_URL)",
+            "redis://STREAM?group=GROUP[&consumer=C&ack_deadline_ms=MS&batch=N]  (subscription: a consumer group)",
+        ]
+    }
+
     async fn open_topic(&self, url: &Url) -> Result<Topic> {
         let stream = name_of(url)?;
         let mut config = TopicConfig::default();

@@ -17,6 +17,14 @@ pub struct MemOpener;
 
 #[async_trait]
 impl Opener for MemOpener {
+    fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
+        &[
+            "mem://TOPIC  (topic)",
+            "mem://TOPIC?subscription=NAME[&ackdeadline=30s]  (subscription, created on first open)",
+            "mem://TOPIC  (as a subscription: an anonymous one, gone when closed)",
+        ]
+    }
+
     async fn open_topic(&self, url: &url::Url) -> Result<Topic> {
         let name = name_of(url)?;
         if let Some((k, _)) = query_pairs(url).into_iter().next() {
