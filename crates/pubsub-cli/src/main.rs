@@ -431,49 +431,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             lines,
             json_lines,
             timeout,
-            ..
-        } if lines || json_lines => {
-            let send = async {
-                let topic = reg.open_topic(&url).await?;
-                let sent = send_lines(&topic, json_lines, &attrs, ordering_key.as_deref()).await;
-                let closed = topic.shutdown().await;
-                sent?;
-                closed?;
-                anyhow::Ok(())
-            };
-            match timeout {
-                Some(limit) => tokio::time::timeout(limit, send)
-                    .await
-                    .map_err(|_| timed_out("sending", limit))??,
-                None => send.await?,
-            }
-        }
-        Command::Send {
-            url,
-            attrs,
-            ordering_key,
-            timeout,
             body,
-            ..
         } => {
-            let body = match body.as_deref() {
-                None | Some("-") => {
-                    let mut b = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut b)
-                        .context("reading the body from standard input")?;
-                    b
+            let single = if lines || json_lines {
+                None
+            } else {
+                let body = match body.as_deref() {
+                    None | Some("-") => {
+                        let mut b = Vec::new();
+                        std::io::stdin()
+                            .read_to_end(&mut b)
+                            .context("reading the body from standard input")?;
+                        b
+                    }
+                    Some(s) => s.as_bytes().to_vec(),
+                };
+                let mut msg = Message::new(body);
+                msg.attributes_mut().extend(attrs.iter().cloned());
+                if let Some(key) = &ordering_key {
+                    msg = msg.with_ordering_key(key.clone());
                 }
-                Some(s) => s.as_bytes().to_vec(),
+                Some(msg)
             };
-            let mut msg = Message::new(body);
-            msg.attributes_mut().extend(attrs);
-            if let Some(key) = ordering_key {
-                msg = msg.with_ordering_key(key);
-            }
             let send = async {
                 let topic = reg.open_topic(&url).await?;
-                let sent = topic.send(msg).await;
+                let sent = match single {
+                    Some(msg) => topic.send(msg).await.map_err(anyhow::Error::from),
+                    None => send_lines(&topic, json_lines, &attrs, ordering_key.as_deref()).await,
+                };
                 let closed = topic.shutdown().await;
                 sent?;
                 closed?;

@@ -6,6 +6,16 @@ fn pubsub() -> Command {
     Command::cargo_bin("pubsub").expect("binary built")
 }
 
+/// Fails the test with the command's standard error unless it succeeded.
+fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn bench_over_mem_reports_throughput_and_latency() {
     let out = pubsub()
@@ -24,11 +34,7 @@ fn bench_over_mem_reports_throughput_and_latency() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("2000 messages of 100 bytes"), "{stdout}");
     assert!(
@@ -47,11 +53,7 @@ fn bench_json_end_to_end_and_sends_only() {
             .timeout(std::time::Duration::from_secs(60))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let both = run(&["--subscription", "mem://cli-bench-json", "--receivers", "2"]);
@@ -301,11 +303,7 @@ fn send_then_receive_json(
         .timeout(std::time::Duration::from_secs(60))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -439,11 +437,7 @@ fn rabbit_ctrl_c_acks_what_was_received() {
         .timeout(std::time::Duration::from_secs(30))
         .output()
         .unwrap();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    assert_success(&again);
     assert!(
         again.stdout.is_empty(),
         "acked messages came back: {}",
@@ -490,11 +484,7 @@ fn rabbit_send_lines_and_json_lines() {
         .timeout(std::time::Duration::from_secs(60))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let mut got: Vec<(String, String)> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
