@@ -66,7 +66,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Send a message to a topic, or one a line of standard input.
+    /// Send a message to a topic, or one a line of standard input, and
+    /// print each sent message's id (the id receivers see) on a line of its
+    /// own, in input order.
     Send {
         /// The topic URL, e.g. rabbit://orders.
         url: String,
@@ -315,21 +317,46 @@ async fn send_lines(
                     msg = msg.with_ordering_key(key);
                 }
                 let topic = topic.clone();
-                in_flight.push_back(async move { (number, topic.send(msg).await) });
+                in_flight.push_back(async move { (number, send_for_id(&topic, msg).await) });
             }
             Some((line, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(e) = result {
-                    if first_error.is_none() {
+                match result {
+                    Ok(id) => print_sent(id.as_deref()),
+                    Err(_) if first_error.is_some() => reading = false,
+                    Err(e) => {
                         first_error = Some(anyhow::Error::from(e)
                             .context(format!("the message on line {line} was not sent")));
+                        reading = false;
                     }
-                    reading = false;
                 }
             }
             else => break,
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Sends `msg` and returns the id the backend gave it (the id its receivers
+/// see), where the backend gives one.
+async fn send_for_id(
+    topic: &pubsub_core::Topic,
+    msg: Message,
+) -> pubsub_core::Result<Option<String>> {
+    let id = Arc::new(std::sync::Mutex::new(None));
+    let slot = id.clone();
+    let msg = msg.with_after_send(move |sent| {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = sent.id().map(str::to_owned);
+        Ok(())
+    });
+    topic.send(msg).await?;
+    let id = id.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(id)
+}
+
+/// Prints a sent message's id, one line a message (`-` where the backend
+/// gave none), so the lines match the messages in order.
+fn print_sent(id: Option<&str>) {
+    println!("{}", id.unwrap_or("-"));
 }
 
 /// A message in `receive --json`'s form.
@@ -456,7 +483,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let send = async {
                 let topic = reg.open_topic(&url).await?;
                 let sent = match single {
-                    Some(msg) => topic.send(msg).await.map_err(anyhow::Error::from),
+                    Some(msg) => match send_for_id(&topic, msg).await {
+                        Ok(id) => {
+                            print_sent(id.as_deref());
+                            Ok(())
+                        }
+                        Err(e) => Err(e.into()),
+                    },
                     None => send_lines(&topic, json_lines, &attrs, ordering_key.as_deref()).await,
                 };
                 let closed = topic.shutdown().await;

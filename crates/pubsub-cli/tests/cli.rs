@@ -292,11 +292,13 @@ fn send_then_receive_json(
     receive_url: &str,
     body: &str,
 ) -> serde_json::Value {
-    pubsub()
+    let sent = pubsub()
         .envs(env.iter().copied())
         .args(["send", send_url, "--attr", "k=v", body])
-        .assert()
-        .success();
+        .output()
+        .unwrap();
+    assert_success(&sent);
+    let sent_id = String::from_utf8(sent.stdout).unwrap();
     let out = pubsub()
         .envs(env.iter().copied())
         .args(["receive", receive_url, "--count", "1", "--json"])
@@ -304,7 +306,13 @@ fn send_then_receive_json(
         .output()
         .unwrap();
     assert_success(&out);
-    serde_json::from_slice(&out.stdout).unwrap()
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        line["id"].as_str().map(|id| format!("{id}\n")),
+        Some(sent_id),
+        "send printed the id the receiver sees"
+    );
+    line
 }
 
 /// RabbitMQ's URL, and a fresh fanout exchange with a queue bound to it,
@@ -453,23 +461,36 @@ fn rabbit_send_lines_and_json_lines() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (url, name, _conn) = rabbit_queue(&rt, "lines");
     let target = format!("rabbit://{name}");
-    pubsub()
-        .env("RABBIT_SERVER_URL", &url)
-        .args(["send", &target, "--lines", "--attr", "src=cli"])
-        .write_stdin("a\n\nb\n")
-        .timeout(std::time::Duration::from_secs(30))
-        .assert()
-        .success();
-    pubsub()
-        .env("RABBIT_SERVER_URL", &url)
-        .args(["send", &target, "--json-lines", "--attr", "src=json"])
-        .write_stdin(
-            "{\"id\": \"ignored\", \"body\": \"c\", \"attributes\": {\"src\": \"line\"}}\n\
-             {\"body_base64\": \"//4=\"}\n",
-        )
-        .timeout(std::time::Duration::from_secs(30))
-        .assert()
-        .success();
+    let sent_ids = |out: std::process::Output| -> Vec<String> {
+        assert_success(&out);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut ids = sent_ids(
+        pubsub()
+            .env("RABBIT_SERVER_URL", &url)
+            .args(["send", &target, "--lines", "--attr", "src=cli"])
+            .write_stdin("a\n\nb\n")
+            .timeout(std::time::Duration::from_secs(30))
+            .output()
+            .unwrap(),
+    );
+    ids.extend(sent_ids(
+        pubsub()
+            .env("RABBIT_SERVER_URL", &url)
+            .args(["send", &target, "--json-lines", "--attr", "src=json"])
+            .write_stdin(
+                "{\"id\": \"ignored\", \"body\": \"c\", \"attributes\": {\"src\": \"line\"}}\n\
+                 {\"body_base64\": \"//4=\"}\n",
+            )
+            .timeout(std::time::Duration::from_secs(30))
+            .output()
+            .unwrap(),
+    ));
+    assert_eq!(ids.len(), 4, "one id a sent message: {ids:?}");
     let out = pubsub()
         .env("RABBIT_SERVER_URL", &url)
         .args([
@@ -485,11 +506,13 @@ fn rabbit_send_lines_and_json_lines() {
         .output()
         .unwrap();
     assert_success(&out);
+    let mut received_ids = Vec::new();
     let mut got: Vec<(String, String)> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            received_ids.push(v["id"].as_str().unwrap().to_owned());
             let body = v["body"]
                 .as_str()
                 .map(|b| format!("body {b}"))
@@ -505,6 +528,9 @@ fn rabbit_send_lines_and_json_lines() {
         ("body c", "line"),
     ];
     assert_eq!(got, want.map(|(b, s)| (b.to_owned(), s.to_owned())));
+    ids.sort();
+    received_ids.sort();
+    assert_eq!(ids, received_ids, "send printed the ids receivers see");
     let rest = pubsub()
         .env("RABBIT_SERVER_URL", &url)
         .args(["receive", &target, "--idle", "1s"])

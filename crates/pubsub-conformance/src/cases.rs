@@ -692,6 +692,68 @@ pub async fn escape_hatches(h: &impl Harness) {
     finish(f).await;
 }
 
+/// Every accepted message's after-send hook runs with the driver's record
+/// and an id, and that id is the one its receiver sees, so a sender's log
+/// and a receiver's can be matched.
+pub async fn sent_ids_are_the_ids_receivers_see(h: &impl Harness) {
+    let f = simple(h, "sent-ids").await;
+    let n = 20;
+    let is_record = h.after_send_record_check();
+    let sent: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let records = Arc::new(AtomicUsize::new(0));
+    // Sent at once, so that drivers' batch paths run as well as lone sends.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (topic, sent, records) = (f.topic.clone(), sent.clone(), records.clone());
+        let body = format!("sent-id-{i}");
+        let key = body.clone();
+        let message = Message::new(body).with_after_send(move |s| {
+            if is_record(s) {
+                records.fetch_add(1, Ordering::SeqCst);
+            }
+            let id = s.id().unwrap_or_default().to_owned();
+            sent.lock()
+                .unwrap()
+                .entry(key.clone())
+                .or_default()
+                .push(id);
+            Ok(())
+        });
+        tasks.spawn(async move { topic.send(message).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("send task").expect("send");
+    }
+    let sent = std::mem::take(&mut *sent.lock().unwrap());
+    assert_eq!(sent.len(), n, "an after-send hook ran for every message");
+    assert_eq!(
+        records.load(Ordering::SeqCst),
+        sent.values().map(Vec::len).sum::<usize>(),
+        "every after-send hook saw the driver's documented record type"
+    );
+    let ids: HashSet<&str> = sent.values().flatten().map(String::as_str).collect();
+    assert!(!ids.contains(""), "every sent message has an id: {sent:?}");
+    assert!(ids.len() >= n, "sent ids are distinct: {sent:?}");
+    let mut seen = HashSet::new();
+    while seen.len() < n {
+        let m = recv(&f.sub, ARRIVAL).await;
+        let body = String::from_utf8_lossy(m.body()).into_owned();
+        let got = m.id().unwrap_or_default().to_owned();
+        m.ack();
+        let Some(ids) = sent.get(&body) else {
+            panic!("received {body:?}, which this case did not send");
+        };
+        if h.sent_id_is_received_id() {
+            assert!(
+                ids.contains(&got),
+                "{body:?} was sent as {ids:?} but received as {got:?}"
+            );
+        }
+        seen.insert(body);
+    }
+    finish(f).await;
+}
+
 /// Ten senders of a thousand messages each and ten receivers: every message
 /// arrives at least once; duplicates are counted and reported.
 pub async fn concurrent_senders_and_receivers(h: &impl Harness) {

@@ -137,6 +137,20 @@ pub trait Harness: Send + Sync + Sized + 'static {
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |_| false
     }
+
+    /// A check that an after-send hook's [`pubsub_core::Sent::raw`] is the
+    /// driver's documented record type.
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |_| false
+    }
+
+    /// Whether the id an after-send hook sees is the id receivers see, as
+    /// on every backend where one message keeps one id end to end. Not so
+    /// where the backend copies a message on its way (SNS to each SQS
+    /// queue): then the case checks only that sent ids are distinct.
+    fn sent_id_is_received_id(&self) -> bool {
+        true
+    }
 }
 
 /// Connects a harness or panics with its message (how to start the backend).
@@ -213,6 +227,7 @@ macro_rules! conformance_tests {
             shutdown_flushes_acks,
             extend_lease_matches_capability,
             escape_hatches,
+            sent_ids_are_the_ids_receivers_see,
             concurrent_senders_and_receivers
         );
         $( $crate::__group!($h, $cap); )*

@@ -67,6 +67,10 @@ impl Harness for Mem {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |s| s.raw::<u64>().is_some()
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| r.downcast_mut::<Record>().is_some()
     }

@@ -67,7 +67,7 @@ mod token_map;
 mod topic;
 
 pub use bytes::Bytes;
-pub use driver::{Attributes, BatchLimits, Capabilities};
+pub use driver::{Attributes, BatchLimits, Capabilities, Sent};
 pub use error::{Error, ErrorKind, Result};
 pub use mem::parse_duration;
 pub use message::Message;

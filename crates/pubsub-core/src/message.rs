@@ -190,10 +190,38 @@ impl Message {
     }
 
     /// Sets a hook that sees what the backend returned for this message once
-    /// it was accepted. Each driver documents the type it passes.
+    /// it was accepted: its id ([`Sent::id`](crate::Sent::id), the id a
+    /// receiver's [`Message::id`] shows wherever the backend allows) and the
+    /// backend's own record ([`Sent::raw`](crate::Sent::raw), of the type
+    /// each driver documents). It runs before `send` returns; an error it
+    /// returns fails the send.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> pubsub_core::Result<()> {
+    /// use std::sync::{Arc, Mutex};
+    /// use pubsub_core::{mem::Broker, Message};
+    ///
+    /// let broker = Broker::new();
+    /// broker.create_topic("orders")?;
+    /// broker.create_subscription("billing", "orders", std::time::Duration::from_secs(30))?;
+    /// let (topic, sub) = (broker.topic("orders"), broker.subscription("billing"));
+    /// let id = Arc::new(Mutex::new(None));
+    /// let slot = id.clone();
+    /// let message = Message::new("order 1").with_after_send(move |sent| {
+    ///     *slot.lock().unwrap() = sent.id().map(str::to_owned);
+    ///     Ok(())
+    /// });
+    /// topic.send(message).await?;
+    /// let got = sub.receive().await?;
+    /// assert_eq!(got.id(), id.lock().unwrap().as_deref());
+    /// got.ack();
+    /// # topic.shutdown().await?; sub.shutdown().await
+    /// # }
+    /// ```
     pub fn with_after_send<F>(mut self, hook: F) -> Self
     where
-        F: Fn(&dyn Any) -> Result<()> + Send + Sync + 'static,
+        F: Fn(&crate::Sent<'_>) -> Result<()> + Send + Sync + 'static,
     {
         self.hooks.get_or_insert_with(Box::default).after_send = Some(Arc::new(hook));
         self

@@ -9,7 +9,7 @@ use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
-use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, ErrorKind, Result};
 
 use crate::connection::{bounded, Connector, BROKER_TIMEOUT};
@@ -39,7 +39,9 @@ impl TopicConfig {
 ///
 /// [`pubsub_core::Topic::as_raw`] gives the [`Connector`]. A before-send
 /// hook gets the outgoing `&mut lapin::BasicProperties`; an after-send hook
-/// the broker's `lapin::Confirmation`.
+/// the broker's `lapin::Confirmation` as [`Sent::raw`] and the message's
+/// `message_id` property as [`Sent::id`], the id receivers report (unless
+/// the before-send hook changed it).
 pub struct AmqpTopic {
     connector: Connector,
     exchange: ShortString,
@@ -110,7 +112,7 @@ impl AmqpTopic {
             .with_delivery_mode(2)
             // One id a message, kept across the core's retries, so a resend
             // after a lost confirm is a duplicate receivers can detect.
-            .with_message_id(ShortString::from(format!("{:032x}", m.unique_id())));
+            .with_message_id(ShortString::from(m.unique_id_hex()));
         // The key attribute travels as the routing key only, as the Go CDK
         // sends it; a subscription with the same key_name restores it.
         let key = self.config.key_name.as_deref();
@@ -223,7 +225,9 @@ impl AmqpTopic {
             if let Some(e) = named.or_else(|| unnamed.remove(&i)) {
                 failed.push((i, e));
             } else if batch[i].has_after_send() {
-                if let Err(e) = batch[i].run_after_send(&Confirmation::Ack(None)) {
+                let ack = Confirmation::Ack(None);
+                let sent = || Sent::new(&ack).with_id(batch[i].unique_id_hex());
+                if let Err(e) = batch[i].run_after_send(sent) {
                     failed.push((i, e));
                 }
             }

@@ -89,6 +89,10 @@ impl Harness for Rabbit {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |s| s.raw::<lapin::Confirmation>().is_some()
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| r.downcast_mut::<BasicProperties>().is_some()
     }

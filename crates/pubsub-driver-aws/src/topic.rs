@@ -7,7 +7,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, Result};
 
 use crate::encode::{self, BodyEncoding, Encoded};
@@ -90,7 +90,10 @@ enum Target {
 /// `aws_sdk_sqs::Client`. A before-send hook gets the
 /// `&mut aws_sdk_sns::types::PublishBatchRequestEntry` or
 /// `&mut aws_sdk_sqs::types::SendMessageBatchRequestEntry`; an after-send
-/// hook the `PublishBatchResultEntry` or `SendMessageBatchResultEntry`.
+/// hook the `PublishBatchResultEntry` or `SendMessageBatchResultEntry` as
+/// [`Sent::raw`], and its `MessageId` as [`Sent::id`]. An SQS queue's id is
+/// the one its receivers see; an SNS topic's is SNS's own, and each queue
+/// subscribed to the topic gives its copy an id of its own.
 pub struct AwsTopic {
     target: Target,
     resource: String,
@@ -176,7 +179,7 @@ impl AwsTopic {
                 self.config.deduplication,
             ) {
                 (Some(d), _) => Some(d.clone()),
-                (None, Deduplication::PerMessage) => Some(format!("{:032x}", m.unique_id())),
+                (None, Deduplication::PerMessage) => Some(m.unique_id_hex()),
                 (None, Deduplication::ContentBased) => None,
             };
         }
@@ -240,7 +243,7 @@ fn record<F, S: std::any::Any>(
     indices: Vec<usize>,
     out: Result<(&[F], &[S])>,
     failure: fn(&F) -> Failure<'_>,
-    success_id: fn(&S) -> Option<&str>,
+    success: fn(&S) -> (Option<&str>, Option<&str>),
     failed: &mut Vec<(usize, Error)>,
 ) {
     let (failures, successes) = match out {
@@ -257,11 +260,16 @@ fn record<F, S: std::any::Any>(
         }
     }
     for s in successes {
-        let Some(i) = success_id(s).and_then(|id| id.parse::<usize>().ok()) else {
+        let (entry, message_id) = success(s);
+        let Some(i) = entry.and_then(|id| id.parse::<usize>().ok()) else {
             continue;
         };
         if let Some(m) = batch.get(i).filter(|m| m.has_after_send()) {
-            if let Err(e) = m.run_after_send(s) {
+            let sent = || match message_id {
+                Some(id) => Sent::new(s).with_id(id),
+                None => Sent::new(s),
+            };
+            if let Err(e) = m.run_after_send(sent) {
                 failed.push((i, e));
             }
         }
@@ -336,7 +344,7 @@ impl AwsTopic {
                 .map(|o| (o.failed(), o.successful()))
                 .map_err(Clone::clone),
             |f| (f.id(), f.code(), f.message(), f.sender_fault()),
-            |s| s.id(),
+            |s| (s.id(), s.message_id()),
             failed,
         );
     }
@@ -386,7 +394,7 @@ impl AwsTopic {
                 .map(|o| (o.failed(), o.successful()))
                 .map_err(Clone::clone),
             |f| (f.id(), f.code(), f.message(), f.sender_fault()),
-            |s| Some(s.id()),
+            |s| (Some(s.id()), Some(s.message_id())),
             failed,
         );
     }

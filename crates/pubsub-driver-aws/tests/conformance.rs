@@ -216,6 +216,25 @@ impl<const SETUP: u8> Harness for Aws<SETUP> {
             }
         }
     }
+
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        if self.sns() {
+            |s| {
+                s.raw::<aws_sdk_sns::types::PublishBatchResultEntry>()
+                    .is_some()
+            }
+        } else {
+            |s| {
+                s.raw::<aws_sdk_sqs::types::SendMessageBatchResultEntry>()
+                    .is_some()
+            }
+        }
+    }
+
+    fn sent_id_is_received_id(&self) -> bool {
+        // Each queue subscribed to an SNS topic gives its copy an id of its own.
+        !self.sns()
+    }
 }
 
 mod sns_raw {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use google_cloud_pubsub::client::{BasePublisher, Publisher};
 use google_cloud_pubsub::model::Message;
-use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, Result};
 
 use crate::path::{full_path, Collection};
@@ -58,7 +58,8 @@ impl Default for TopicConfig {
 /// [`pubsub_core::Topic::as_raw`] gives its
 /// [`google_cloud_pubsub::client::BasePublisher`]; a before-send hook gets
 /// the outgoing [`google_cloud_pubsub::model::Message`]; an after-send hook
-/// gets the message id Pub/Sub assigned, a `String`.
+/// gets the message id Pub/Sub assigned as [`Sent::id`] (the id receivers
+/// see) and as [`Sent::raw`], a `String`.
 #[derive(Debug)]
 pub struct GcpTopic {
     client: BasePublisher,
@@ -220,7 +221,8 @@ impl driver::Topic for GcpTopic {
         for (i, future) in pending {
             match future.await {
                 Ok(id) => {
-                    if let Err(e) = batch[i].run_after_send(&id) {
+                    if let Err(e) = batch[i].run_after_send(|| Sent::new(&id).with_id(id.as_str()))
+                    {
                         failed.push((i, e));
                     }
                 }

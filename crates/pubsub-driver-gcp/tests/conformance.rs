@@ -121,6 +121,13 @@ impl Harness for Gcp {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |s| {
+            s.raw::<String>()
+                .is_some_and(|id| Some(id.as_str()) == s.id())
+        }
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| r.downcast_mut::<model::Message>().is_some()
     }

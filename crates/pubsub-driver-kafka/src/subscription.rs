@@ -660,7 +660,7 @@ impl Drop for KafkaSubscription {
 }
 
 /// `topic/partition/offset`.
-fn delivery_id(topic: &str, partition: i32, offset: i64) -> String {
+pub(crate) fn delivery_id(topic: &str, partition: i32, offset: i64) -> String {
     format!("{topic}/{partition}/{offset}")
 }
 

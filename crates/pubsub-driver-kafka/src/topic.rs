@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, Result};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -63,7 +63,9 @@ pub(crate) const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 ///
 /// [`pubsub_core::Topic::as_raw`] gives the `rdkafka::producer::FutureProducer`.
 /// A before-send hook gets a `&mut` [`OutgoingRecord`]; an after-send hook
-/// the `rdkafka::producer::future_producer::Delivery` (partition, offset).
+/// the `rdkafka::producer::future_producer::Delivery` (partition, offset)
+/// as [`Sent::raw`] and `topic/partition/offset` as [`Sent::id`], the id
+/// receivers see.
 pub struct KafkaTopic {
     producer: FutureProducer,
     topic: String,
@@ -190,7 +192,15 @@ impl driver::Topic for KafkaTopic {
             match delivery.await {
                 Ok(Ok(d)) => {
                     if batch[i].has_after_send() {
-                        if let Err(e) = batch[i].run_after_send(&d) {
+                        let sent = || {
+                            let id = crate::subscription::delivery_id(
+                                &self.topic,
+                                d.partition,
+                                d.offset,
+                            );
+                            Sent::new(&d).with_id(id)
+                        };
+                        if let Err(e) = batch[i].run_after_send(sent) {
                             failed.push((i, e));
                         }
                     }

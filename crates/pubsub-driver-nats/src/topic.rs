@@ -13,7 +13,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::Subject;
 use async_trait::async_trait;
 use futures_util::FutureExt;
-use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, Result};
 
 use crate::{error, headers, topic_capabilities, DRIVER};
@@ -25,10 +25,17 @@ use crate::{error, headers, topic_capabilities, DRIVER};
 /// (its `client()` is the connection). A before-send hook gets the outgoing
 /// `&mut async_nats::HeaderMap`, already holding the attributes and
 /// `Nats-Msg-Id`; an after-send hook gets JetStream's
-/// `async_nats::jetstream::publish::PublishAck`.
+/// `async_nats::jetstream::publish::PublishAck` as [`Sent::raw`] and the
+/// `Nats-Msg-Id` as [`Sent::id`], the id receivers report.
 pub struct NatsTopic {
     js: jetstream::Context,
     subject: Subject,
+}
+
+/// What an after-send hook sees: JetStream's ack, and the `Nats-Msg-Id`
+/// receivers report.
+fn sent<'a>(m: &OutgoingMessage, ack: &'a jetstream::publish::PublishAck) -> Sent<'a> {
+    Sent::new(ack).with_id(m.unique_id_hex())
 }
 
 impl NatsTopic {
@@ -58,7 +65,7 @@ impl NatsTopic {
         // JetStream drops a second publish with the same id within the
         // stream's duplicate window, so a resend after a lost ack (the core
         // retries with the same unique id) is stored once.
-        headers.insert(NATS_MESSAGE_ID, format!("{:032x}", m.unique_id()).as_str());
+        headers.insert(NATS_MESSAGE_ID, m.unique_id_hex().as_str());
         m.run_before_send(&mut headers)?;
         let publish = PublishMessage::build()
             .payload(m.body.clone())
@@ -130,7 +137,7 @@ impl driver::Topic for NatsTopic {
             // A lone send (the common case with few senders) skips the
             // batch's bookkeeping.
             return match self.publish(m).await?.await {
-                Ok(ack) => m.run_after_send(&ack).map_err(Into::into),
+                Ok(ack) => m.run_after_send(|| sent(m, &ack)).map_err(Into::into),
                 Err(e) => Err(self.ack_error(e).await.into()),
             };
         }
@@ -147,7 +154,7 @@ impl driver::Topic for NatsTopic {
         let mut unanswered = Vec::new();
         for (i, r) in futures_util::future::join_all(acks).await {
             let outcome = match r {
-                Ok(ack) => batch[i].run_after_send(&ack),
+                Ok(ack) => batch[i].run_after_send(|| sent(&batch[i], &ack)),
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     unanswered.push((i, e));
                     continue;

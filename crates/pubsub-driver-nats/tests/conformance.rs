@@ -109,6 +109,13 @@ impl Harness for Nats {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |s| {
+            s.raw::<async_nats::jetstream::publish::PublishAck>()
+                .is_some()
+        }
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| {
             r.downcast_mut::<async_nats::HeaderMap>()

@@ -44,10 +44,7 @@ pub struct Entry {
 /// The fields of a message.
 pub(crate) fn to_fields(m: &OutgoingMessage) -> Fields {
     let mut fields = Vec::with_capacity(m.attributes.len() + 3);
-    fields.push((
-        ID.to_owned(),
-        Bytes::from(format!("{:032x}", m.unique_id())),
-    ));
+    fields.push((ID.to_owned(), Bytes::from(m.unique_id_hex())));
     fields.push((BODY.to_owned(), m.body.clone()));
     for (k, v) in &m.attributes {
         let name = if k.starts_with('$') {
@@ -250,7 +247,7 @@ mod tests {
         assert_eq!(d.body.as_ref(), b"\xffbody");
         assert_eq!(d.attributes, m.attributes);
         assert_eq!(d.ordering_key.as_deref(), Some("k"));
-        assert_eq!(d.id, Some(format!("{:032x}", m.unique_id())));
+        assert_eq!(d.id, Some(m.unique_id_hex()));
     }
 
     #[test]

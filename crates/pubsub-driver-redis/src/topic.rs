@@ -4,7 +4,7 @@ use std::any::Any;
 use std::fmt;
 
 use async_trait::async_trait;
-use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage};
+use pubsub_core::driver::{self, BatchError, BatchLimits, Capabilities, OutgoingMessage, Sent};
 use pubsub_core::{Error, Result};
 use redis::Value;
 
@@ -56,7 +56,8 @@ impl TopicConfig {
 ///
 /// [`pubsub_core::Topic::as_raw`] gives the [`Connector`]. A before-send
 /// hook gets the entry's `&mut` [`Fields`]; an after-send hook the entry id
-/// (`&String`).
+/// (`String`) as [`Sent::raw`] and the message's `$id` as [`Sent::id`], the
+/// id receivers report.
 pub struct RedisTopic {
     connector: Connector,
     stream: String,
@@ -96,12 +97,18 @@ impl RedisTopic {
     }
 }
 
+/// Runs `m`'s after-send hook on the id Redis gave its entry.
+fn accepted(m: &OutgoingMessage, entry: String) -> Result<()> {
+    m.run_after_send(|| Sent::new(&entry).with_id(m.unique_id_hex()))
+}
+
 impl RedisTopic {
     /// What one `XADD` reply means for its message.
     fn outcome(&self, m: &OutgoingMessage, reply: Value) -> Result<()> {
         match reply {
-            Value::BulkString(id) => m.run_after_send(&String::from_utf8_lossy(&id).into_owned()),
-            Value::SimpleString(id) => m.run_after_send(&id),
+            Value::BulkString(_) if !m.has_after_send() => Ok(()),
+            Value::BulkString(id) => accepted(m, String::from_utf8_lossy(&id).into_owned()),
+            Value::SimpleString(id) => accepted(m, id),
             Value::Nil => Err(Error::not_found(format!(
                 "stream {:?} does not exist (create it, or set TopicConfig::create_stream)",
                 self.stream

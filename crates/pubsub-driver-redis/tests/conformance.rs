@@ -117,6 +117,11 @@ impl Harness for Redis {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        // The entry id Redis gave, time-sequence.
+        |s| s.raw::<String>().is_some_and(|id| id.contains('-'))
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| {
             r.downcast_mut::<Fields>()

@@ -2,6 +2,7 @@
 //! deliveries on their way in and back.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -99,9 +100,54 @@ impl fmt::Debug for AckId {
 /// A hook that sees the backend's own outgoing record before it is sent.
 pub type BeforeSend = Arc<dyn Fn(&mut dyn Any) -> Result<()> + Send + Sync>;
 
-/// A hook that sees the backend's own record of a sent message (for example
-/// the partition and offset it landed at).
-pub type AfterSend = Arc<dyn Fn(&dyn Any) -> Result<()> + Send + Sync>;
+/// A hook that sees what the backend returned for a sent message: its id
+/// and the backend's own record (for example the partition and offset it
+/// landed at).
+pub type AfterSend = Arc<dyn Fn(&Sent<'_>) -> Result<()> + Send + Sync>;
+
+/// What the backend returned for one message it accepted, as an after-send
+/// hook sees it.
+///
+/// [`Sent::id`] is the id a receiver's [`crate::Message::id`] shows for the
+/// same message wherever the backend lets the two agree, so a sender's log
+/// line and a receiver's can be matched; each driver documents its form
+/// and any backend where they differ. [`Sent::raw`] is the backend's own
+/// record, of the type the driver documents.
+pub struct Sent<'a> {
+    id: Option<Cow<'a, str>>,
+    raw: &'a dyn Any,
+}
+
+impl<'a> Sent<'a> {
+    /// The backend's record of an accepted message, without an id.
+    pub fn new(raw: &'a dyn Any) -> Self {
+        Sent { id: None, raw }
+    }
+
+    /// Sets the message's id.
+    pub fn with_id(mut self, id: impl Into<Cow<'a, str>>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// The message's id, where the backend gives one.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The backend's own record, if it is a `T`.
+    pub fn raw<T: Any>(&self) -> Option<&T> {
+        self.raw.downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for Sent<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sent")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A message on its way to a driver's [`Topic::send_batch`](super::Topic::send_batch).
 #[non_exhaustive]
@@ -153,11 +199,23 @@ impl OutgoingMessage {
     }
 
     /// Runs the user's after-send hook, if any, on what the backend returned.
-    pub fn run_after_send(&self, result: &dyn Any) -> Result<()> {
+    ///
+    /// Drivers call this once per accepted message; an error fails that
+    /// message. `sent` is built only when asked, so a message without a
+    /// hook costs no id string.
+    pub fn run_after_send<'a>(&self, sent: impl FnOnce() -> Sent<'a>) -> Result<()> {
         match &self.after_send {
-            Some(hook) => hook(result),
+            Some(hook) => hook(&sent()),
             None => Ok(()),
         }
+    }
+
+    /// The id drivers give this message where the backend keeps one of the
+    /// sender's choosing (an AMQP `message_id`, a `Nats-Msg-Id`): the
+    /// [`unique_id`](Self::unique_id) as 32 lower-case hex digits, which is
+    /// also the id the receiving side then reports.
+    pub fn unique_id_hex(&self) -> String {
+        format!("{:032x}", self.id)
     }
 
     /// Whether an after-send hook is set, so drivers can skip building the

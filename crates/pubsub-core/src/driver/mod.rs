@@ -138,7 +138,7 @@ mod settlement;
 pub use async_trait::async_trait;
 pub(crate) use message::message_size;
 pub use message::{
-    AckId, AfterSend, Attributes, BeforeSend, Nacked, OutgoingMessage, ReceivedMessage,
+    AckId, AfterSend, Attributes, BeforeSend, Nacked, OutgoingMessage, ReceivedMessage, Sent,
 };
 pub use settlement::Settlement;
 

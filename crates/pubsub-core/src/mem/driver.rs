@@ -15,7 +15,7 @@ use super::{
 };
 use crate::driver::{
     self, AckId, BatchError, Capabilities, Deliveries, Nacked, OutgoingMessage, ReceivedMessage,
-    Settlement,
+    Sent, Settlement,
 };
 use crate::error::{Error, Result};
 
@@ -190,7 +190,7 @@ impl driver::Topic for TopicDriver {
         }
         for seq in hooked {
             let i = (seq - first) as usize;
-            if let Err(e) = batch[i].run_after_send(&seq) {
+            if let Err(e) = batch[i].run_after_send(|| Sent::new(&seq).with_id(seq.to_string())) {
                 failed.push((i, e));
             }
         }

@@ -21,7 +21,7 @@
 //! [`crate::Subscription::as_raw`] give the [`Broker`];
 //! [`crate::Message::as_raw`] gives a [`Delivery`]; a before-send hook gets a
 //! `&mut` [`Record`], an after-send hook the message's sequence number as a
-//! `u64`.
+//! `u64` (and as its id, the id its deliveries carry).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

@@ -269,6 +269,13 @@ impl<B: KafkaHarness> Harness for On<B> {
         }
     }
 
+    fn after_send_record_check(&self) -> fn(&pubsub_core::Sent<'_>) -> bool {
+        |s| {
+            s.raw::<rdkafka::producer::future_producer::Delivery>()
+                .is_some()
+        }
+    }
+
     fn before_send_record_check(&self) -> fn(&mut dyn std::any::Any) -> bool {
         |r| r.downcast_mut::<OutgoingRecord>().is_some()
     }
