@@ -3,7 +3,9 @@
 //!
 //! `cargo bench -p pubsub-conformance --bench mem [-- backlog|latency|matrix]`;
 //! `-- row TOPICS SENDERS RECEIVERS` runs one row of the matrix (for a
-//! profiler).
+//! profiler). With `PUBSUB_BENCH_RECORDER=1` a metrics recorder
+//! (metrics-util's in-memory one) is installed first, to measure what
+//! recording costs.
 
 use std::time::{Duration, Instant};
 
@@ -144,6 +146,12 @@ async fn backlog() {
 }
 
 fn main() {
+    if std::env::var_os("PUBSUB_BENCH_RECORDER").is_some_and(|v| v == "1") {
+        metrics_util::debugging::DebuggingRecorder::new()
+            .install()
+            .expect("no recorder was installed before");
+        eprintln!("metrics recorder installed");
+    }
     let what: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

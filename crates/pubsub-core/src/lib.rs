@@ -59,6 +59,7 @@ mod engine;
 mod error;
 pub mod mem;
 mod message;
+pub mod metric;
 mod options;
 mod registry;
 mod retry;

@@ -12,6 +12,7 @@ use crate::engine::batcher::Batcher;
 use crate::engine::send::SendHandler;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::metric::Labels;
 use crate::options::TopicOptions;
 
 /// A handle for sending messages to a topic.
@@ -29,6 +30,9 @@ struct Inner {
     caps: Capabilities,
     batcher: Batcher<OutgoingMessage, SendHandler>,
     shut_down: AtomicBool,
+    labels: Labels,
+    sent: ::metrics::Counter,
+    send_duration: ::metrics::Histogram,
 }
 
 impl Topic {
@@ -42,11 +46,13 @@ impl Topic {
     pub fn with_options(driver: Arc<dyn driver::Topic>, options: TopicOptions) -> Self {
         let caps = driver.capabilities();
         let limits = options.batching.merge(caps.send_batching);
+        let labels = Labels::topic(driver.driver_name(), driver.resource());
         let batcher = Batcher::new(
             limits,
             options.retry,
             Arc::new(SendHandler {
                 driver: driver.clone(),
+                metrics: labels.call("send"),
             }),
         );
         Topic {
@@ -55,6 +61,9 @@ impl Topic {
                 caps,
                 batcher,
                 shut_down: AtomicBool::new(false),
+                sent: labels.counter(crate::metric::SENT),
+                send_duration: labels.histogram(crate::metric::SEND_DURATION),
+                labels,
             }),
         }
     }
@@ -72,7 +81,19 @@ impl Topic {
             driver = self.inner.driver.driver_name(),
             resource = self.inner.driver.resource()
         );
-        self.send_inner(message).instrument(span).await
+        let started = self.inner.labels.start();
+        let r = self.send_inner(message).instrument(span).await;
+        let inner = &*self.inner;
+        match &r {
+            Ok(()) => {
+                inner.sent.increment(1);
+                if let Some(t) = started {
+                    inner.send_duration.record(t.elapsed());
+                }
+            }
+            Err(e) => inner.labels.send_failed(e.kind()),
+        }
+        r
     }
 
     async fn send_inner(&self, message: Message) -> Result<()> {

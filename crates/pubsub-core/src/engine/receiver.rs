@@ -16,6 +16,7 @@ use super::settle::{FailureSlot, Settler};
 use super::sizer::BatchSizer;
 use crate::driver::{self, Capabilities, Deliveries, Nacked, ReceivedMessage};
 use crate::error::{Error, Result};
+use crate::metric::{Labels, ReceiveMetrics};
 use crate::options::SubscriptionOptions;
 use crate::retry::RetryPolicy;
 
@@ -49,6 +50,7 @@ pub(crate) struct Receiver {
     handlers: AtomicUsize,
     handlers_done: Notify,
     drain_timeout: Duration,
+    metrics: ReceiveMetrics,
 }
 
 tokio::task_local! {
@@ -114,6 +116,7 @@ impl Receiver {
         ));
         let ready = Arc::new(Notify::new());
         let failure = Arc::new(FailureSlot::new(ready.clone()));
+        let labels = Labels::subscription(driver.driver_name(), driver.resource());
         let settler = Settler::new(
             driver.clone(),
             &caps,
@@ -121,6 +124,7 @@ impl Receiver {
             options.retry,
             leases.clone(),
             failure.clone(),
+            &labels,
         );
         let deliveries = driver.deliveries();
         let taken_back_seen = deliveries.as_ref().map_or(0, |d| d.taken_back());
@@ -163,6 +167,7 @@ impl Receiver {
             handlers: AtomicUsize::new(0),
             handlers_done: Notify::new(),
             drain_timeout: options.drain_timeout,
+            metrics: ReceiveMetrics::new(&labels),
         })
     }
 
@@ -240,7 +245,7 @@ impl Receiver {
         self.check_taken_back(&mut st);
         match st
             .queue
-            .pop_front_with(|m, token| make(m, token, self.clone()))
+            .pop_front_with(|m, token| self.hand_out(m, token, make))
         {
             Some(m) => {
                 self.taken(&mut st);
@@ -273,7 +278,7 @@ impl Receiver {
                     self.check_taken_back(&mut st);
                     if let Some(m) = st
                         .queue
-                        .pop_front_with(|m, token| make(m, token, self.clone()))
+                        .pop_front_with(|m, token| self.hand_out(m, token, &make))
                     {
                         self.taken(&mut st);
                         drop(st);
@@ -341,11 +346,27 @@ impl Receiver {
         }
     }
 
+    /// Makes a message taken from the queue into what `receive` returns.
+    #[inline]
+    fn hand_out<R>(
+        self: &Arc<Self>,
+        m: ReceivedMessage,
+        token: u64,
+        make: impl FnOnce(ReceivedMessage, u64, Arc<Receiver>) -> R,
+    ) -> R {
+        if m.delivery_attempt.is_some_and(|n| n > 1) {
+            self.metrics.redelivered.increment(1);
+        }
+        make(m, token, self.clone())
+    }
+
     /// Called with the state locked once a message was taken from the
     /// queue.
     fn taken(self: &Arc<Self>, st: &mut RecvState) {
         st.received += 1;
         st.sizer.handed += 1;
+        self.metrics.consumed.increment(1);
+        self.metrics.queued.set(st.queue.len() as f64);
         self.maybe_fetch(st);
     }
 
@@ -414,6 +435,7 @@ impl Receiver {
             match got {
                 Ok(batch) => {
                     let now = Instant::now();
+                    self.metrics.receive.record_took(batch.len(), now - asked);
                     let base = self
                         .next_token
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -422,6 +444,7 @@ impl Receiver {
                         let mut st = lock(&self.state);
                         let empty = batch.is_empty();
                         st.queue.push(batch, base);
+                        self.metrics.queued.set(st.queue.len() as f64);
                         // Read under the lock, where receivers check it:
                         // deliveries taken back while this batch was fetched
                         // or on its way here are dropped before any
@@ -464,6 +487,7 @@ impl Receiver {
                     return;
                 }
                 Err(e) if e.is_temporary() => {
+                    self.metrics.receive.retries.increment(1);
                     let wait = self.retry.backoff(attempt);
                     tracing::warn!(error = %e, ?wait, "receive failed; retrying");
                     attempt = attempt.saturating_add(1);

@@ -8,10 +8,12 @@ use super::batcher::BatchHandler;
 use super::with_context;
 use crate::driver::{self, BatchError, OutgoingMessage};
 use crate::error::Result;
+use crate::metric::CallMetrics;
 
 /// Hands each batch of a topic's batcher to the driver.
 pub(crate) struct SendHandler {
     pub(crate) driver: Arc<dyn driver::Topic>,
+    pub(crate) metrics: CallMetrics,
 }
 
 impl BatchHandler<OutgoingMessage> for SendHandler {
@@ -23,9 +25,13 @@ impl BatchHandler<OutgoingMessage> for SendHandler {
             resource = d.resource(),
             messages = batch.len()
         );
-        d.send_batch(batch)
-            .instrument(span)
-            .await
-            .map_err(|e| with_context(e, d.driver_name(), d.resource(), "send"))
+        let started = self.metrics.start();
+        let r = d.send_batch(batch).instrument(span).await;
+        self.metrics.record(batch.len(), started);
+        r.map_err(|e| with_context(e, d.driver_name(), d.resource(), "send"))
+    }
+
+    fn retrying(&self) {
+        self.metrics.retries.increment(1);
     }
 }

@@ -14,6 +14,7 @@ use super::leases::{Leases, Settle};
 use super::{lock, with_context};
 use crate::driver::{self, AckId, BatchError, BatchLimits, Capabilities, Nacked, Settlement};
 use crate::error::{Error, Result};
+use crate::metric::{CallMetrics, Labels, SettleMetrics};
 use crate::retry::RetryPolicy;
 
 /// The first permanent ack or nack failure, which fails the subscription.
@@ -74,6 +75,8 @@ pub(crate) struct Settler {
     pub(crate) late: AtomicU64,
     /// Nacks on a backend that cannot nack, left to the ack deadline.
     pub(crate) unnackable: AtomicU64,
+    metrics: Arc<SettleMetrics>,
+    labels: Labels,
 }
 
 impl Settler {
@@ -85,11 +88,14 @@ impl Settler {
         retry: RetryPolicy,
         leases: Arc<Leases>,
         failure: Arc<FailureSlot>,
+        labels: &Labels,
     ) -> Self {
+        let metrics = Arc::new(SettleMetrics::new(labels));
         let common = Common {
             driver: driver.clone(),
             leases: leases.clone(),
             failure: failure.clone(),
+            metrics: metrics.clone(),
         };
         Settler {
             acks: Batcher::new(
@@ -98,9 +104,14 @@ impl Settler {
                 Arc::new(AckHandler {
                     common: common.clone(),
                     extend: None,
+                    call: labels.call("ack"),
                 }),
             ),
-            nacks: Batcher::new(limits, retry, Arc::new(NackHandler(common))),
+            nacks: Batcher::new(
+                limits,
+                retry,
+                Arc::new(NackHandler(common, labels.call("nack"))),
+            ),
             driver,
             local: caps.local_settlement,
             can_nack: caps.nack,
@@ -113,6 +124,8 @@ impl Settler {
             dropped: AtomicU64::new(0),
             late: AtomicU64::new(0),
             unnackable: AtomicU64::new(0),
+            metrics,
+            labels: labels.clone(),
         }
     }
 
@@ -127,8 +140,10 @@ impl Settler {
                 driver: self.driver.clone(),
                 leases: self.leases.clone(),
                 failure: self.failure.clone(),
+                metrics: self.metrics.clone(),
             },
             extend: Some(by),
+            call: self.labels.call("extend"),
         };
         Batcher::new(limits, self.retry, Arc::new(handler))
     }
@@ -149,7 +164,7 @@ impl Settler {
                 "ack",
             )
         {
-            self.acked.fetch_add(1, Ordering::Relaxed);
+            self.count_ack();
             return;
         }
         let item = Settle {
@@ -157,15 +172,26 @@ impl Settler {
             token,
         };
         if self.acks.add_detached(item, 0).is_ok() {
-            self.acked.fetch_add(1, Ordering::Relaxed);
+            self.count_ack();
         } else {
             self.late.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("ack after shutdown ignored; the backend will redeliver");
         }
     }
 
+    fn count_ack(&self) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.metrics.acked.increment(1);
+    }
+
+    fn count_nack(&self) {
+        self.nacked.fetch_add(1, Ordering::Relaxed);
+        self.metrics.nacked.increment(1);
+    }
+
     /// Counts a message dropped unsettled; true for the first one.
     pub(crate) fn note_dropped(&self) -> bool {
+        self.metrics.dropped.increment(1);
         self.dropped.fetch_add(1, Ordering::Relaxed) == 0
     }
 
@@ -184,12 +210,12 @@ impl Settler {
                 token,
                 "nack",
             ) {
-                self.nacked.fetch_add(1, Ordering::Relaxed);
+                self.count_nack();
                 return;
             }
         }
         if self.nacks.add_detached(nacked, 0).is_ok() {
-            self.nacked.fetch_add(1, Ordering::Relaxed);
+            self.count_nack();
         } else {
             self.late.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("nack after shutdown ignored; the backend will redeliver");
@@ -283,6 +309,7 @@ impl Settler {
             return Err(e);
         }
         self.leases.extended(token, by);
+        self.metrics.extended.increment(1);
         Ok(())
     }
 }
@@ -293,18 +320,21 @@ struct Common {
     driver: Arc<dyn driver::Subscription>,
     leases: Arc<Leases>,
     failure: Arc<FailureSlot>,
+    metrics: Arc<SettleMetrics>,
 }
 
 /// Sends batches of acks, or of lease extensions by a duration.
 pub(crate) struct AckHandler {
     common: Common,
     extend: Option<Duration>,
+    call: CallMetrics,
 }
 
 impl BatchHandler<Settle> for AckHandler {
     async fn handle(&self, batch: &[Settle]) -> Result<(), BatchError> {
         let d = &*self.common.driver;
         let ids: Vec<AckId> = batch.iter().map(|s| s.id.clone()).collect();
+        let started = self.call.start();
         let (name, res) = match self.extend {
             None => {
                 self.common.leases.release(batch.iter().map(|s| s.token));
@@ -323,13 +353,23 @@ impl BatchHandler<Settle> for AckHandler {
                     resource = d.resource(),
                     leases = ids.len()
                 );
-                (
-                    "extend lease",
-                    d.extend_leases(&ids, by).instrument(span).await,
-                )
+                let r = d.extend_leases(&ids, by).instrument(span).await;
+                let failed = match &r {
+                    Ok(()) => 0,
+                    Err(BatchError::All(_)) => ids.len(),
+                    Err(BatchError::Items(f)) => f.len(),
+                };
+                let extended = ids.len().saturating_sub(failed) as u64;
+                self.common.metrics.extended.increment(extended);
+                ("extend lease", r)
             }
         };
+        self.call.record(ids.len(), started);
         res.map_err(|e| with_context(e, d.driver_name(), d.resource(), name))
+    }
+
+    fn retrying(&self) {
+        self.call.retries.increment(1);
     }
 
     fn unreported_failure(&self, error: Error) {
@@ -343,7 +383,7 @@ impl BatchHandler<Settle> for AckHandler {
 }
 
 /// Sends batches of nacks.
-pub(crate) struct NackHandler(Common);
+pub(crate) struct NackHandler(Common, CallMetrics);
 
 impl BatchHandler<Nacked> for NackHandler {
     async fn handle(&self, batch: &[Nacked]) -> Result<(), BatchError> {
@@ -355,10 +395,14 @@ impl BatchHandler<Nacked> for NackHandler {
             resource = d.resource(),
             nacks = batch.len()
         );
-        d.send_nacks(batch)
-            .instrument(span)
-            .await
-            .map_err(|e| with_context(e, d.driver_name(), d.resource(), "nack"))
+        let started = self.1.start();
+        let r = d.send_nacks(batch).instrument(span).await;
+        self.1.record(batch.len(), started);
+        r.map_err(|e| with_context(e, d.driver_name(), d.resource(), "nack"))
+    }
+
+    fn retrying(&self) {
+        self.1.retries.increment(1);
     }
 
     fn unreported_failure(&self, error: Error) {

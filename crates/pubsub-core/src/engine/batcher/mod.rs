@@ -34,6 +34,9 @@ pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
     fn unreported_failure(&self, error: Error) {
         tracing::warn!(%error, "batched operation failed");
     }
+
+    /// Called before each retry of a call that failed for a while.
+    fn retrying(&self) {}
 }
 
 /// The receiving half of one item's result. Dropping it before the item has

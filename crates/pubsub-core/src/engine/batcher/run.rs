@@ -35,6 +35,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 return Err(gave_up);
             }
             tracing::debug!(error = %e, attempt, ?wait, "retrying temporary failure");
+            self.handler.retrying();
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
         }
@@ -115,6 +116,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 ?wait,
                 "retrying temporary failure"
             );
+            self.handler.retrying();
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
             items = retry_items;
