@@ -375,26 +375,15 @@ fn rabbit_send_then_receive_json() {
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
 }
 
-/// Ctrl-C on `receive`: it stops, sends the acks of what it printed and
-/// exits 0, so none of it comes back (RabbitMQ requeues at once what a
-/// closed channel left unacked). Plain output shows ids and attributes.
-#[cfg(feature = "amqp")]
-#[test]
-fn rabbit_ctrl_c_acks_what_was_received() {
+/// Runs `pubsub receive URL` until it has printed one message a body (a
+/// header line and the body), interrupts it as Ctrl-C does, and checks it
+/// exits 0 within 30 s. Returns what it printed.
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+fn receive_until_ctrl_c(env: &[(&str, &str)], url: &str, bodies: &[&str]) -> Vec<String> {
     use std::io::BufRead;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (url, name, _conn) = rabbit_queue(&rt, "sigint");
-    let target = format!("rabbit://{name}");
-    for i in 0..3 {
-        pubsub()
-            .env("RABBIT_SERVER_URL", &url)
-            .args(["send", &target, "--attr", "k=v w", &format!("body {i}")])
-            .assert()
-            .success();
-    }
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("pubsub"))
-        .env("RABBIT_SERVER_URL", &url)
-        .args(["receive", &target])
+        .envs(env.iter().copied())
+        .args(["receive", url])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -408,17 +397,12 @@ fn rabbit_ctrl_c_acks_what_was_received() {
             }
         }
     });
-    let mut lines = Vec::new();
-    while lines.len() < 6 {
+    let mut lines: Vec<String> = Vec::new();
+    while lines.len() < 2 * bodies.len() {
         match rx.recv_timeout(std::time::Duration::from_secs(30)) {
             Ok(line) => lines.push(line),
             Err(e) => panic!("receive printed {lines:?} and then nothing ({e})"),
         }
-    }
-    for (i, pair) in lines.chunks(2).enumerate() {
-        assert!(pair[0].starts_with("id="), "{pair:?}");
-        assert!(pair[0].ends_with(r#" k="v w""#), "{pair:?}");
-        assert_eq!(pair[1], format!("body {i}"));
     }
     let interrupted = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -439,6 +423,41 @@ fn rabbit_ctrl_c_acks_what_was_received() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
+    let printed: Vec<&str> = lines
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(String::as_str)
+        .collect();
+    assert_eq!(printed, bodies, "{lines:?}");
+    lines
+}
+
+/// Ctrl-C on `receive`: it stops, sends the acks of what it printed and
+/// exits 0, so none of it comes back (RabbitMQ requeues at once what a
+/// closed channel left unacked). Plain output shows ids and attributes.
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_ctrl_c_acks_what_was_received() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "sigint");
+    let target = format!("rabbit://{name}");
+    for i in 0..3 {
+        pubsub()
+            .env("RABBIT_SERVER_URL", &url)
+            .args(["send", &target, "--attr", "k=v w", &format!("body {i}")])
+            .assert()
+            .success();
+    }
+    let lines = receive_until_ctrl_c(
+        &[("RABBIT_SERVER_URL", &url)],
+        &target,
+        &["body 0", "body 1", "body 2"],
+    );
+    for header in lines.iter().step_by(2) {
+        assert!(header.starts_with("id="), "{header}");
+        assert!(header.ends_with(r#" k="v w""#), "{header}");
+    }
     let again = pubsub()
         .env("RABBIT_SERVER_URL", &url)
         .args(["receive", &target, "--idle", "2s", "--json"])
@@ -545,6 +564,61 @@ fn rabbit_send_lines_and_json_lines() {
 #[cfg(feature = "kafka")]
 #[test]
 fn kafka_send_then_receive_json() {
+    let (brokers, topic) = kafka_topic("json");
+    let line = send_then_receive_json(
+        &[("KAFKA_BROKERS", &brokers)],
+        &format!("kafka://{topic}"),
+        &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
+        "hi kafka",
+    );
+    assert_eq!(line["body"], "hi kafka");
+    assert_eq!(line["attributes"]["k"], "v");
+}
+
+/// Ctrl-C on a Kafka `receive`: it exits 0 after committing what it
+/// acked, so the group's next reader starts after those messages.
+#[cfg(feature = "kafka")]
+#[test]
+fn kafka_ctrl_c_commits_what_was_received() {
+    let (brokers, topic) = kafka_topic("sigint");
+    let env = [("KAFKA_BROKERS", brokers.as_str())];
+    let target = format!("kafka://{topic}");
+    let group = format!("kafka://{topic}-group?topic={topic}&offset=oldest");
+    let send = |body: &str| {
+        let out = pubsub()
+            .envs(env)
+            .args(["send", &target, body])
+            .output()
+            .unwrap();
+        assert_success(&out);
+    };
+    for body in ["k0", "k1", "k2"] {
+        send(body);
+    }
+    receive_until_ctrl_c(&env, &group, &["k0", "k1", "k2"]);
+    send("after");
+    let out = pubsub()
+        .envs(env)
+        .args([
+            "receive",
+            &group,
+            "--count",
+            "1",
+            "--json",
+            "--timeout",
+            "60s",
+        ])
+        .timeout(std::time::Duration::from_secs(90))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["body"], "after", "the group read acked messages again");
+}
+
+/// The brokers, and a fresh one-partition topic `cli-PID-TAG` on them.
+#[cfg(feature = "kafka")]
+fn kafka_topic(tag: &str) -> (String, String) {
     use pubsub_driver_kafka::rdkafka::admin::{
         AdminClient, AdminOptions, NewTopic, TopicReplication,
     };
@@ -552,7 +626,7 @@ fn kafka_send_then_receive_json() {
     use pubsub_driver_kafka::rdkafka::ClientConfig;
 
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
-    let topic = format!("cli-{:08x}", std::process::id());
+    let topic = format!("cli-{:08x}-{tag}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -568,14 +642,7 @@ fn kafka_send_then_receive_json() {
             r.unwrap();
         }
     });
-    let line = send_then_receive_json(
-        &[("KAFKA_BROKERS", &brokers)],
-        &format!("kafka://{topic}"),
-        &format!("kafka://{topic}-group?topic={topic}&offset=oldest"),
-        "hi kafka",
-    );
-    assert_eq!(line["body"], "hi kafka");
-    assert_eq!(line["attributes"]["k"], "v");
+    (brokers, topic)
 }
 
 /// A round trip through Redis: a stream and a group made here, the CLI
