@@ -322,7 +322,8 @@ mod tests {
                 m.ack();
             }
         }
-        assert!(again.is_some(), "the nacked message came back");
+        let again = again.expect("the nacked message came back");
+        again.extend_lease(Duration::from_secs(60)).await.unwrap();
         drop(again);
         sub.shutdown().await.unwrap();
         topic.shutdown().await.unwrap();
@@ -337,6 +338,7 @@ mod tests {
         // The nack, and the redelivery dropped unsettled (which nacks it).
         assert_eq!(count(&snap, NACKED, &s), 2);
         assert_eq!(count(&snap, DROPPED, &s), 1);
+        assert_eq!(count(&snap, LEASES_EXTENDED, &s), 1);
         let receive = [s[0], s[1], ("messaging.operation.name", "receive")];
         match value(&snap, OPERATION_DURATION, &receive) {
             Some(DebugValue::Histogram(v)) => assert!(!v.is_empty()),
