@@ -321,7 +321,7 @@ async fn send_lines(
             }
             Some((line, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 match result {
-                    Ok(id) => print_sent(id.as_deref()),
+                    Ok(id) => print_sent(id.as_deref()).context("writing a sent message's id")?,
                     Err(_) if first_error.is_some() => reading = false,
                     Err(e) => {
                         first_error = Some(anyhow::Error::from(e)
@@ -354,9 +354,12 @@ async fn send_for_id(
 }
 
 /// Prints a sent message's id, one line a message (`-` where the backend
-/// gave none), so the lines match the messages in order.
-fn print_sent(id: Option<&str>) {
-    println!("{}", id.unwrap_or("-"));
+/// gave none), so the lines match the messages in order. A closed standard
+/// output is an error, not a panic that would drop the sends in flight.
+fn print_sent(id: Option<&str>) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", id.unwrap_or("-"))?;
+    out.flush()
 }
 
 /// A message in `receive --json`'s form.
@@ -485,8 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let sent = match single {
                     Some(msg) => match send_for_id(&topic, msg).await {
                         Ok(id) => {
-                            print_sent(id.as_deref());
-                            Ok(())
+                            print_sent(id.as_deref()).context("writing the sent message's id")
                         }
                         Err(e) => Err(e.into()),
                     },

@@ -14,7 +14,7 @@
 //! Names follow OpenTelemetry's messaging semantic conventions where one
 //! exists ([`SENT`], [`CONSUMED`], [`OPERATION_DURATION`]); the rest are
 //! this library's, under `pubsub.`. Every metric carries
-//! `messaging.system` (the driver: `mem`, `rabbit`, `kafka`, `gcppubsub`...)
+//! `messaging.system` (the driver's name: `mem`, `amqp`, `kafka`...)
 //! and `messaging.destination.name` (a topic's resource) or
 //! `messaging.destination.subscription.name` (a subscription's). Per-call
 //! metrics add `messaging.operation.name` (`send`, `receive`, `ack`,
@@ -46,7 +46,11 @@ pub const SENT: &str = "messaging.client.sent.messages";
 /// Messages a subscription handed to the application (counter).
 pub const CONSUMED: &str = "messaging.client.consumed.messages";
 /// How long each driver call took (histogram, seconds), by
-/// `messaging.operation.name`.
+/// `messaging.operation.name`. Acks and nacks a backend settles locally
+/// ([`Capabilities::local_settlement`](crate::Capabilities::local_settlement):
+/// mem, Kafka's stored offsets) are bookkeeping on the acking thread, not
+/// calls, and are left out of this and [`BATCH_SIZE`]; they are counted in
+/// [`ACKED`] and [`NACKED`].
 pub const OPERATION_DURATION: &str = "messaging.client.operation.duration";
 /// How long a send took from the call to the backend's acceptance,
 /// batching and retries included (histogram, seconds).
@@ -58,7 +62,9 @@ pub const BATCH_SIZE: &str = "pubsub.batch.messages";
 pub const RETRIES: &str = "pubsub.retries";
 /// Messages acked (counter).
 pub const ACKED: &str = "pubsub.acked.messages";
-/// Messages nacked, dropped ones included (counter).
+/// Messages the application nacked or dropped, on a backend that can nack
+/// (counter); as `SubscriptionStats::nacked`. Messages fetched and never
+/// handed out, nacked at shutdown, are not counted.
 pub const NACKED: &str = "pubsub.nacked.messages";
 /// Messages dropped without an ack or nack (counter).
 pub const DROPPED: &str = "pubsub.dropped.messages";

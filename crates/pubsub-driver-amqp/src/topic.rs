@@ -40,8 +40,8 @@ impl TopicConfig {
 /// [`pubsub_core::Topic::as_raw`] gives the [`Connector`]. A before-send
 /// hook gets the outgoing `&mut lapin::BasicProperties`; an after-send hook
 /// the broker's `lapin::Confirmation` as [`Sent::raw`] and the message's
-/// `message_id` property as [`Sent::id`], the id receivers report (unless
-/// the before-send hook changed it).
+/// `message_id` property as sent (after the before-send hook) as
+/// [`Sent::id`], the id receivers report.
 pub struct AmqpTopic {
     connector: Connector,
     exchange: ShortString,
@@ -226,7 +226,10 @@ impl AmqpTopic {
                 failed.push((i, e));
             } else if batch[i].has_after_send() {
                 let ack = Confirmation::Ack(None);
-                let sent = || Sent::new(&ack).with_id(batch[i].unique_id_hex());
+                let sent = || match &id {
+                    Some(id) => Sent::new(&ack).with_id(id.as_str()),
+                    None => Sent::new(&ack),
+                };
                 if let Err(e) = batch[i].run_after_send(sent) {
                     failed.push((i, e));
                 }

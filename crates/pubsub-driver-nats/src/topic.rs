@@ -26,7 +26,8 @@ use crate::{error, headers, topic_capabilities, DRIVER};
 /// `&mut async_nats::HeaderMap`, already holding the attributes and
 /// `Nats-Msg-Id`; an after-send hook gets JetStream's
 /// `async_nats::jetstream::publish::PublishAck` as [`Sent::raw`] and the
-/// `Nats-Msg-Id` as [`Sent::id`], the id receivers report.
+/// `Nats-Msg-Id` the driver set as [`Sent::id`], the id receivers report
+/// unless the before-send hook changed that header.
 pub struct NatsTopic {
     js: jetstream::Context,
     subject: Subject,

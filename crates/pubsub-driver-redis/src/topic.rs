@@ -56,8 +56,9 @@ impl TopicConfig {
 ///
 /// [`pubsub_core::Topic::as_raw`] gives the [`Connector`]. A before-send
 /// hook gets the entry's `&mut` [`Fields`]; an after-send hook the entry id
-/// (`String`) as [`Sent::raw`] and the message's `$id` as [`Sent::id`], the
-/// id receivers report.
+/// (`String`) as [`Sent::raw`] and the `$id` the driver set as
+/// [`Sent::id`], the id receivers report unless the before-send hook
+/// changed that field.
 pub struct RedisTopic {
     connector: Connector,
     stream: String,

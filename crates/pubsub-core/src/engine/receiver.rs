@@ -343,6 +343,7 @@ impl Receiver {
             );
             st.revoked += dropped.len() as u64;
             self.leases.release(dropped.into_iter());
+            self.metrics.queued.set(st.queue.len() as f64);
         }
     }
 
@@ -559,10 +560,13 @@ impl Receiver {
             let mut st = lock(&self.state);
             // Deliveries taken back are dropped, not nacked.
             self.check_taken_back(&mut st);
-            st.queue
+            let unreceived = st
+                .queue
                 .drain()
                 .map(|(m, token)| Nacked::unreceived(m, token))
-                .collect()
+                .collect();
+            self.metrics.queued.set(0.0);
+            unreceived
         };
         self.leases.release(unreceived.iter().map(|n| n.token));
         // The driver is still open, so a driver that settles locally

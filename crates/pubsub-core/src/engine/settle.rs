@@ -77,6 +77,8 @@ pub(crate) struct Settler {
     pub(crate) unnackable: AtomicU64,
     metrics: Arc<SettleMetrics>,
     labels: Labels,
+    /// `Message::extend_lease`'s calls, one lease each.
+    extend_one: CallMetrics,
 }
 
 impl Settler {
@@ -126,6 +128,7 @@ impl Settler {
             unnackable: AtomicU64::new(0),
             metrics,
             labels: labels.clone(),
+            extend_one: labels.call("extend"),
         }
     }
 
@@ -293,7 +296,10 @@ impl Settler {
         let ids = std::slice::from_ref(id);
         let mut attempt = 0;
         loop {
-            let e = match self.driver.extend_leases(ids, by).await {
+            let started = self.extend_one.start();
+            let r = self.driver.extend_leases(ids, by).await;
+            self.extend_one.record(1, started);
+            let e = match r {
                 Ok(()) => break,
                 Err(BatchError::All(e)) => e,
                 Err(BatchError::Items(mut v)) => v
@@ -302,6 +308,7 @@ impl Settler {
                     .unwrap_or_else(|| Error::internal("empty failure")),
             };
             if e.is_temporary() && attempt < 5 {
+                self.extend_one.retries.increment(1);
                 tokio::time::sleep(self.retry.backoff(attempt)).await;
                 attempt += 1;
                 continue;

@@ -35,7 +35,7 @@ pub(crate) trait BatchHandler<T>: Send + Sync + 'static {
         tracing::warn!(%error, "batched operation failed");
     }
 
-    /// Called before each retry of a call that failed for a while.
+    /// Called before each retry of a call's temporary failure.
     fn retrying(&self) {}
 }
 
