@@ -92,23 +92,18 @@ fn recording() -> bool {
 
 impl Labels {
     pub(crate) fn topic(driver: &'static str, resource: &str) -> Self {
-        Labels {
-            labels: vec![
-                Label::new("messaging.system", driver),
-                Label::new("messaging.destination.name", resource.to_owned()),
-            ],
-            timed: recording(),
-        }
+        Self::new(driver, "messaging.destination.name", resource)
     }
 
     pub(crate) fn subscription(driver: &'static str, resource: &str) -> Self {
+        Self::new(driver, "messaging.destination.subscription.name", resource)
+    }
+
+    fn new(driver: &'static str, destination: &'static str, resource: &str) -> Self {
         Labels {
             labels: vec![
                 Label::new("messaging.system", driver),
-                Label::new(
-                    "messaging.destination.subscription.name",
-                    resource.to_owned(),
-                ),
+                Label::new(destination, resource.to_owned()),
             ],
             timed: recording(),
         }
