@@ -90,6 +90,11 @@ enum Command {
         /// Give up (exit 7) when opening, sending and closing take longer.
         #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
         timeout: Option<Duration>,
+        /// Send no trace context. By default each message is sent in a
+        /// producer span of its own, whose W3C context goes into the
+        /// `traceparent` attribute, so a consumer's trace begins there.
+        #[arg(long)]
+        no_trace: bool,
         /// The body; `-` or nothing reads standard input.
         body: Option<String>,
     },
@@ -462,6 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json_lines,
             timeout,
             body,
+            no_trace: _,
         } => {
             let single = if lines || json_lines {
                 None
@@ -713,11 +719,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let traced = matches!(
+        cli.command,
+        Command::Send {
+            no_trace: false,
+            ..
+        }
+    );
+    let _tracer = init_tracing(traced);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -735,6 +745,33 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Logs to standard error as `RUST_LOG` says; with `traced`, the core's
+/// producer spans also become OpenTelemetry spans, so each message sent
+/// carries a trace context. Nothing exports them: their ids are what the
+/// messages carry.
+fn init_tracing(traced: bool) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+    let provider = traced.then(|| opentelemetry_sdk::trace::SdkTracerProvider::builder().build());
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("pubsub"))
+            // The core's producer spans only, not its debug spans.
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("pubsub", tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    provider
 }
 
 /// The error and its causes on one line. A `pubsub_core::Error` already

@@ -312,7 +312,24 @@ fn send_then_receive_json(
         Some(sent_id),
         "send printed the id the receiver sees"
     );
+    let traceparent = line["attributes"]["traceparent"].as_str().unwrap_or("");
+    assert!(
+        is_traceparent(traceparent),
+        "send carries its producer span's W3C context: {line}"
+    );
     line
+}
+
+/// Whether `s` is a W3C `traceparent` of a sampled span:
+/// `00-<32 hex>-<16 hex>-01`.
+fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && parts[3] == "01"
 }
 
 /// RabbitMQ's URL, and a fresh fanout exchange with a queue bound to it,
@@ -373,6 +390,33 @@ fn rabbit_send_then_receive_json() {
     assert_eq!(line["body"], "hi there");
     assert_eq!(line["attributes"]["k"], "v");
     assert!(line["id"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_send_no_trace_sends_no_context() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "notrace");
+    let target = format!("rabbit://{name}");
+    let sent = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["send", &target, "--no-trace", "--attr", "k=v", "quiet"])
+        .output()
+        .unwrap();
+    assert_success(&sent);
+    let out = pubsub()
+        .env("RABBIT_SERVER_URL", &url)
+        .args(["receive", &target, "--count", "1", "--json"])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        line["attributes"],
+        serde_json::json!({"k": "v"}),
+        "only the application's attributes"
+    );
 }
 
 /// Runs `pubsub receive URL` until it has printed one message a body (a
@@ -456,7 +500,8 @@ fn rabbit_ctrl_c_acks_what_was_received() {
     );
     for header in lines.iter().step_by(2) {
         assert!(header.starts_with("id="), "{header}");
-        assert!(header.ends_with(r#" k="v w""#), "{header}");
+        assert!(header.contains(r#" k="v w""#), "{header}");
+        assert!(header.contains(" traceparent=\"00-"), "{header}");
     }
     let again = pubsub()
         .env("RABBIT_SERVER_URL", &url)

@@ -33,6 +33,9 @@
 //! - [`open_topic`] / [`open_subscription`] and [`Registry`]: opening by URL.
 //! - [`mem`]: the in-memory driver, a faithful model of a broker for tests
 //!   and single-process use.
+//! - [`metric`]: the metrics every topic and subscription records.
+//! - `trace` (the `opentelemetry` feature): trace context carried in
+//!   message attributes from producer to consumer.
 //!
 //! # Semantics every driver keeps
 //! - `send` returns once the backend accepted the batch holding the message;
@@ -66,6 +69,8 @@ mod retry;
 mod subscription;
 mod token_map;
 mod topic;
+#[cfg(feature = "opentelemetry")]
+pub mod trace;
 
 pub use bytes::Bytes;
 pub use driver::{Attributes, BatchLimits, Capabilities, Sent};

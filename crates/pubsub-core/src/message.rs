@@ -57,6 +57,9 @@ struct Receipt {
     /// What the application changed of the message, as delivered: a nack
     /// hands the message as delivered to the driver for redelivery.
     delivered: Option<Box<Delivered>>,
+    /// The consumer span, open until the message is settled.
+    #[cfg(feature = "opentelemetry")]
+    span: tracing::Span,
 }
 
 /// The parts of a received message as delivered, each kept when it is
@@ -296,6 +299,8 @@ impl Message {
     pub fn ack(mut self) {
         if let Some(r) = &self.receipt {
             r.sub.settler.ack(&r.ack_id, r.token);
+            #[cfg(feature = "opentelemetry")]
+            crate::trace::settled(&r.span, "ack");
         }
         // Dropped in place rather than taken out: the ack path runs once a
         // message, and taking it out would move it once more.
@@ -330,7 +335,11 @@ impl Message {
             delivery_attempt,
             sub,
             delivered,
+            #[cfg(feature = "opentelemetry")]
+            span,
         } = *r;
+        #[cfg(feature = "opentelemetry")]
+        crate::trace::settled(&span, if dropped { "drop" } else { "nack" });
         let d = delivered.map(|d| *d).unwrap_or_default();
         sub.settler.nack(Nacked {
             ack_id,
@@ -410,28 +419,64 @@ impl Message {
 
     #[inline]
     pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Receiver>) -> Self {
+        #[cfg_attr(not(feature = "opentelemetry"), allow(unused_mut))]
+        let mut receipt = Box::new(Receipt {
+            details: match m.lazy {
+                Some(at) => Details::Lazy {
+                    at,
+                    built: OnceLock::new(),
+                },
+                None => Details::Given {
+                    id: m.id,
+                    raw: m.raw,
+                },
+            },
+            ack_id: m.ack_id,
+            token,
+            delivery_attempt: m.delivery_attempt,
+            sub,
+            delivered: None,
+            #[cfg(feature = "opentelemetry")]
+            span: tracing::Span::none(),
+        });
+        #[cfg(feature = "opentelemetry")]
+        if receipt.sub.trace {
+            let d = &receipt.sub.driver;
+            receipt.span =
+                crate::trace::consumer_span(d.driver_name(), d.resource(), &m.attributes, || {
+                    receipt.id().to_owned()
+                });
+        }
         Message {
             body: m.body,
             attributes: m.attributes,
             ordering_key: m.ordering_key,
             hooks: None,
-            receipt: Some(Box::new(Receipt {
-                details: match m.lazy {
-                    Some(at) => Details::Lazy {
-                        at,
-                        built: OnceLock::new(),
-                    },
-                    None => Details::Given {
-                        id: m.id,
-                        raw: m.raw,
-                    },
-                },
-                ack_id: m.ack_id,
-                token,
-                delivery_attempt: m.delivery_attempt,
-                sub,
-                delivered: None,
-            })),
+            receipt: Some(receipt),
+        }
+    }
+
+    /// Writes the context of `span`, a send's producer span, into the
+    /// attributes of a message to send.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn with_trace_context(mut self, span: &tracing::Span) -> Self {
+        if self.receipt.is_none() {
+            crate::trace::inject(span, &mut self.attributes);
+        }
+        self
+    }
+
+    /// The consumer span of a received message, open until it is settled:
+    /// a child of the producer's span when the message carries its trace
+    /// context (see [`crate::trace`]). Run the work on the message in it
+    /// (`work.instrument(msg.span())`) to make that work part of the
+    /// producer's trace. A disabled span for a message to send, or when
+    /// nothing records spans.
+    #[cfg(feature = "opentelemetry")]
+    pub fn span(&self) -> tracing::Span {
+        match &self.receipt {
+            Some(r) => r.span.clone(),
+            None => tracing::Span::none(),
         }
     }
 

@@ -90,6 +90,10 @@ pub struct TopicOptions {
     /// out a broker restart, short enough that a send to a backend that is
     /// gone returns.
     pub retry: RetryPolicy,
+    /// Whether a send runs in a producer span whose trace context goes
+    /// into the message's attributes (with the `opentelemetry` feature; see
+    /// `pubsub_core::trace`). Default: on.
+    pub trace_context: bool,
 }
 
 impl Default for TopicOptions {
@@ -97,6 +101,7 @@ impl Default for TopicOptions {
         TopicOptions {
             batching: BatchOptions::default(),
             retry: RetryPolicy::default().with_give_up_after(Some(DEFAULT_SEND_GIVE_UP)),
+            trace_context: true,
         }
     }
 }
@@ -114,6 +119,12 @@ impl TopicOptions {
     /// Sets the retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Turns producer spans and trace context in attributes on or off.
+    pub fn with_trace_context(mut self, on: bool) -> Self {
+        self.trace_context = on;
         self
     }
 }
@@ -136,6 +147,10 @@ pub struct SubscriptionOptions {
     /// [`handle_concurrently`](crate::Subscription::handle_concurrently)
     /// is running to finish, so their acks are sent. Default: 30 s.
     pub drain_timeout: Duration,
+    /// Whether each received message gets a consumer span, a child of the
+    /// producer's span its attributes carry (with the `opentelemetry`
+    /// feature; see `pubsub_core::trace`). Default: on.
+    pub trace_context: bool,
 }
 
 impl Default for SubscriptionOptions {
@@ -146,6 +161,7 @@ impl Default for SubscriptionOptions {
             max_lease_extension: Duration::from_secs(60 * 60),
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
+            trace_context: true,
         }
     }
 }
@@ -178,6 +194,12 @@ impl SubscriptionOptions {
     /// Sets how long shutdown waits for running handlers.
     pub fn with_drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
+        self
+    }
+
+    /// Turns consumer spans on or off.
+    pub fn with_trace_context(mut self, on: bool) -> Self {
+        self.trace_context = on;
         self
     }
 }

@@ -136,10 +136,16 @@ impl Subscription {
                     // waits for it.
                     let guard = self.engine.handler_started();
                     let scope = self.engine.handler_scope();
-                    running.spawn(IN_HANDLER.scope(scope, async move {
+                    #[cfg(feature = "opentelemetry")]
+                    let span = m.span();
+                    let work = async move {
                         let _running = guard;
                         h(m).await
-                    }));
+                    };
+                    // The handler runs in the message's consumer span.
+                    #[cfg(feature = "opentelemetry")]
+                    let work = tracing::Instrument::instrument(work, span);
+                    running.spawn(IN_HANDLER.scope(scope, work));
                 }
                 Err(_) if self.is_shut_down() => break Ok(()),
                 Err(e) => break Err(e),

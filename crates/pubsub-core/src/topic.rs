@@ -33,6 +33,9 @@ struct Inner {
     labels: Labels,
     sent: ::metrics::Counter,
     send_duration: ::metrics::Histogram,
+    /// Whether sends run in producer spans that carry their context.
+    #[cfg(feature = "opentelemetry")]
+    trace: bool,
 }
 
 impl Topic {
@@ -64,6 +67,8 @@ impl Topic {
                 sent: labels.counter(crate::metric::SENT),
                 send_duration: labels.histogram(crate::metric::SEND_DURATION),
                 labels,
+                #[cfg(feature = "opentelemetry")]
+                trace: options.trace_context,
             }),
         }
     }
@@ -76,14 +81,20 @@ impl Topic {
     /// returned future before its batch is handed to the driver withdraws
     /// the message; after that it may still be delivered.
     pub async fn send(&self, message: Message) -> Result<()> {
-        let span = tracing::debug_span!(
-            "send",
-            driver = self.inner.driver.driver_name(),
-            resource = self.inner.driver.resource()
-        );
-        let started = self.inner.labels.start();
-        let r = self.send_inner(message).instrument(span).await;
         let inner = &*self.inner;
+        #[cfg(feature = "opentelemetry")]
+        let (span, message) = if inner.trace {
+            let span =
+                crate::trace::producer_span(inner.driver.driver_name(), inner.driver.resource());
+            let message = message.with_trace_context(&span);
+            (span, message)
+        } else {
+            (self.send_span(), message)
+        };
+        #[cfg(not(feature = "opentelemetry"))]
+        let span = self.send_span();
+        let started = inner.labels.start();
+        let r = self.send_inner(message).instrument(span.clone()).await;
         match &r {
             Ok(()) => {
                 inner.sent.increment(1);
@@ -91,9 +102,21 @@ impl Topic {
                     inner.send_duration.record(t.elapsed());
                 }
             }
-            Err(e) => inner.labels.send_failed(e.kind()),
+            Err(e) => {
+                inner.labels.send_failed(e.kind());
+                #[cfg(feature = "opentelemetry")]
+                crate::trace::failed(&span, e.kind().as_str());
+            }
         }
         r
+    }
+
+    fn send_span(&self) -> tracing::Span {
+        tracing::debug_span!(
+            "send",
+            driver = self.inner.driver.driver_name(),
+            resource = self.inner.driver.resource()
+        )
     }
 
     async fn send_inner(&self, message: Message) -> Result<()> {

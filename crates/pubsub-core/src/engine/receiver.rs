@@ -51,6 +51,9 @@ pub(crate) struct Receiver {
     handlers_done: Notify,
     drain_timeout: Duration,
     metrics: ReceiveMetrics,
+    /// Whether received messages get consumer spans.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) trace: bool,
 }
 
 tokio::task_local! {
@@ -167,6 +170,8 @@ impl Receiver {
             handlers: AtomicUsize::new(0),
             handlers_done: Notify::new(),
             drain_timeout: options.drain_timeout,
+            #[cfg(feature = "opentelemetry")]
+            trace: options.trace_context,
             metrics: ReceiveMetrics::new(&labels),
         })
     }

@@ -1,0 +1,353 @@
+//! Trace context across the in-memory broker (the `opentelemetry`
+//! feature): the spans OpenTelemetry's SDK exports and the attributes the
+//! messages carry.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, Value};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use pubsub_core::mem::Broker;
+use pubsub_core::trace::{TRACEPARENT, TRACESTATE};
+use pubsub_core::{Message, SubscriptionOptions, TopicOptions};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Spans recorded on this thread go to an in-memory exporter. The tests
+/// run on a current-thread runtime, so the core's tasks record there too.
+struct Traced {
+    exporter: InMemorySpanExporter,
+    provider: SdkTracerProvider,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Traced {
+    fn new() -> Self {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let guard = tracing_subscriber::registry().with(layer).set_default();
+        Traced {
+            exporter,
+            provider,
+            _guard: guard,
+        }
+    }
+
+    fn spans(&self) -> Vec<SpanData> {
+        self.provider.force_flush().expect("flush");
+        self.exporter.get_finished_spans().expect("spans")
+    }
+}
+
+fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| &kv.value)
+}
+
+fn string(span: &SpanData, key: &str) -> String {
+    match attr(span, key) {
+        Some(v) => v.as_str().into_owned(),
+        None => panic!("span {:?} has no {key}: {:?}", span.name, span.attributes),
+    }
+}
+
+fn by_kind(spans: &[SpanData], kind: SpanKind) -> Vec<&SpanData> {
+    spans.iter().filter(|s| s.span_kind == kind).collect()
+}
+
+fn pair(b: &Broker, name: &str) -> (pubsub_core::Topic, pubsub_core::Subscription) {
+    b.create_topic(name).unwrap();
+    b.create_subscription(name, name, Duration::from_secs(30))
+        .unwrap();
+    (b.topic(name), b.subscription(name))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_trace_runs_from_the_producer_through_the_broker_to_the_consumer() {
+    let t = Traced::new();
+    let b = Broker::new();
+    let (topic, sub) = pair(&b, "orders");
+
+    let request = tracing::info_span!("request");
+    let request_cx = request.context().span().span_context().clone();
+    topic
+        .send(Message::new("hello").with_attribute("k", "v"))
+        .instrument(request.clone())
+        .await
+        .unwrap();
+
+    let msg = sub.receive().await.unwrap();
+    let id = msg.id().unwrap().to_owned();
+    let traceparent = msg.attribute(TRACEPARENT).expect("traceparent").to_owned();
+    assert_eq!(
+        msg.attribute("k"),
+        Some("v"),
+        "the application's attributes stay"
+    );
+    assert_eq!(
+        msg.attribute(TRACESTATE),
+        None,
+        "an empty tracestate is not sent"
+    );
+    let span = msg.span();
+    async {
+        tracing::info_span!("work").in_scope(|| {});
+        msg.ack();
+    }
+    .instrument(span.clone())
+    .await;
+    drop(span);
+    drop(request);
+
+    let spans = t.spans();
+    let producer = by_kind(&spans, SpanKind::Producer);
+    let consumer = by_kind(&spans, SpanKind::Consumer);
+    assert_eq!((producer.len(), consumer.len()), (1, 1), "{spans:#?}");
+    let (producer, consumer) = (producer[0], consumer[0]);
+
+    // The producer span: a child of the application's, named and
+    // attributed as OpenTelemetry's messaging conventions say.
+    assert_eq!(producer.name, "send orders");
+    assert_eq!(producer.parent_span_id, request_cx.span_id());
+    assert_eq!(producer.span_context.trace_id(), request_cx.trace_id());
+    assert_eq!(string(producer, "messaging.system"), "mem");
+    assert_eq!(string(producer, "messaging.destination.name"), "orders");
+    assert_eq!(string(producer, "messaging.operation.name"), "send");
+    assert_eq!(string(producer, "messaging.operation.type"), "send");
+    assert_eq!(
+        traceparent,
+        format!(
+            "00-{}-{}-01",
+            producer.span_context.trace_id(),
+            producer.span_context.span_id()
+        ),
+        "the message carries the producer span's context"
+    );
+
+    // The consumer span: in the producer's trace, its child, linked to it.
+    assert_eq!(consumer.name, "process orders");
+    assert_eq!(
+        consumer.span_context.trace_id(),
+        request_cx.trace_id(),
+        "one trace"
+    );
+    assert_eq!(consumer.parent_span_id, producer.span_context.span_id());
+    assert_eq!(consumer.links.len(), 1);
+    let link = &consumer.links[0].span_context;
+    assert_eq!(
+        (link.trace_id(), link.span_id()),
+        (
+            producer.span_context.trace_id(),
+            producer.span_context.span_id()
+        )
+    );
+    assert!(
+        link.is_remote(),
+        "the link is the context the message carried"
+    );
+    assert_eq!(string(consumer, "messaging.system"), "mem");
+    assert_eq!(
+        string(consumer, "messaging.destination.subscription.name"),
+        "orders"
+    );
+    assert_eq!(string(consumer, "messaging.operation.name"), "process");
+    assert_eq!(string(consumer, "messaging.message.id"), id);
+    assert_eq!(string(consumer, "pubsub.settlement"), "ack");
+
+    // Work done in the consumer span is part of the trace.
+    let work = spans.iter().find(|s| s.name == "work").expect("work span");
+    assert_eq!(work.parent_span_id, consumer.span_context.span_id());
+    assert_eq!(work.span_context.trace_id(), request_cx.trace_id());
+
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_message_handed_out_gets_its_own_span() {
+    let t = Traced::new();
+    let b = Broker::new();
+    let (topic, sub) = pair(&b, "many");
+    for i in 0..5 {
+        topic.send(Message::new(i.to_string())).await.unwrap();
+    }
+    // The first receive fetches all five; the rest come from the queue.
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let m = sub.receive().await.unwrap();
+        got.push(m.attribute(TRACEPARENT).expect("traceparent").to_owned());
+        m.ack();
+    }
+    let spans = t.spans();
+    let producers: HashMap<SpanId, &SpanData> = by_kind(&spans, SpanKind::Producer)
+        .into_iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    let consumers = by_kind(&spans, SpanKind::Consumer);
+    assert_eq!((producers.len(), consumers.len()), (5, 5));
+    for c in consumers {
+        let p = producers
+            .get(&c.parent_span_id)
+            .expect("each consumer span's parent is a producer span");
+        assert_eq!(c.span_context.trace_id(), p.span_context.trace_id());
+    }
+    let distinct: std::collections::HashSet<_> = got.iter().collect();
+    assert_eq!(distinct.len(), 5, "each send has its own producer span");
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_context_written_by_another_producer_is_continued() {
+    let t = Traced::new();
+    let b = Broker::new();
+    b.create_topic("foreign").unwrap();
+    b.create_subscription("foreign", "foreign", Duration::from_secs(30))
+        .unwrap();
+    // A producer in another language: its SDK's W3C propagator wrote the
+    // attributes, and this side sends no context of its own.
+    let topic = b.topic_with_options("foreign", TopicOptions::default().with_trace_context(false));
+    let sub = b.subscription("foreign");
+    let remote = SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::from_str("vendor=x").unwrap(),
+    );
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(
+        &Context::new().with_remote_span_context(remote.clone()),
+        &mut carrier,
+    );
+    topic
+        .send(Message::new("from go").with_attributes(carrier))
+        .await
+        .unwrap();
+    let msg = sub.receive().await.unwrap();
+    assert_eq!(msg.attribute(TRACESTATE), Some("vendor=x"));
+    let cx = msg.span().context();
+    assert_eq!(cx.span().span_context().trace_id(), remote.trace_id());
+    msg.nack();
+    let again = sub.receive().await.unwrap();
+    drop(again);
+
+    let spans = t.spans();
+    assert!(
+        by_kind(&spans, SpanKind::Producer).is_empty(),
+        "trace context off: no producer span"
+    );
+    let consumers = by_kind(&spans, SpanKind::Consumer);
+    assert_eq!(consumers.len(), 2);
+    for c in &consumers {
+        assert_eq!(c.span_context.trace_id(), remote.trace_id());
+        assert_eq!(c.parent_span_id, remote.span_id());
+        assert_eq!(c.links[0].span_context.span_id(), remote.span_id());
+    }
+    let settled: Vec<String> = consumers
+        .iter()
+        .map(|c| string(c, "pubsub.settlement"))
+        .collect();
+    assert_eq!(settled, ["nack", "drop"]);
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn turned_off_it_adds_no_attributes_and_no_spans() {
+    let t = Traced::new();
+    let b = Broker::new();
+    b.create_topic("quiet").unwrap();
+    b.create_subscription("quiet", "quiet", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic_with_options("quiet", TopicOptions::default().with_trace_context(false));
+    let sub = b.subscription_with_options(
+        "quiet",
+        SubscriptionOptions::default().with_trace_context(false),
+    );
+    topic
+        .send(Message::new("x"))
+        .instrument(tracing::info_span!("request"))
+        .await
+        .unwrap();
+    let msg = sub.receive().await.unwrap();
+    assert!(msg.attributes().is_empty(), "{:?}", msg.attributes());
+    assert!(msg.span().is_disabled());
+    msg.ack();
+    let spans = t.spans();
+    assert!(
+        spans.iter().all(|s| s.span_kind == SpanKind::Internal),
+        "no producer or consumer spans: {spans:#?}"
+    );
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_a_tracing_layer_nothing_is_added() {
+    let b = Broker::new();
+    let (topic, sub) = pair(&b, "untraced");
+    topic.send(Message::new("x")).await.unwrap();
+    let msg = sub.receive().await.unwrap();
+    assert!(msg.attributes().is_empty(), "{:?}", msg.attributes());
+    msg.ack();
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn handlers_run_in_their_message_span() {
+    let t = Traced::new();
+    let b = Broker::new();
+    let (topic, sub) = pair(&b, "handled");
+    for i in 0..3 {
+        topic.send(Message::new(i.to_string())).await.unwrap();
+    }
+    let done = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let worker = {
+        let (sub, done) = (sub.clone(), done.clone());
+        tokio::spawn(async move {
+            sub.handle_concurrently(2, move |m| {
+                let done = done.clone();
+                async move {
+                    tracing::info_span!("handler").in_scope(|| {});
+                    m.ack();
+                    done.add_permits(1);
+                }
+            })
+            .await
+        })
+    };
+    let _ = done.acquire_many(3).await.unwrap();
+    sub.shutdown().await.unwrap();
+    worker.await.unwrap().unwrap();
+    topic.shutdown().await.unwrap();
+
+    let spans = t.spans();
+    let consumers: HashMap<SpanId, &SpanData> = by_kind(&spans, SpanKind::Consumer)
+        .into_iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    let handlers: Vec<&SpanData> = spans.iter().filter(|s| s.name == "handler").collect();
+    assert_eq!((consumers.len(), handlers.len()), (3, 3));
+    for h in handlers {
+        let c = consumers
+            .get(&h.parent_span_id)
+            .expect("a handler runs in its message's consumer span");
+        assert_eq!(h.span_context.trace_id(), c.span_context.trace_id());
+    }
+}
