@@ -40,8 +40,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // program's own; not the core's internal debug spans.
                 .with_filter(
                     tracing_subscriber::filter::Targets::new()
-                        .with_target("pubsub", tracing::Level::INFO)
-                        .with_target("tracing", tracing::Level::INFO),
+                        .with_target("pubsub_core::trace", tracing::Level::INFO)
+                        .with_target("shop", tracing::Level::INFO),
                 ),
         )
         .init();
@@ -89,7 +89,7 @@ async fn round_trip(
     topic: &Topic,
     sub: &Subscription,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let checkout = tracing::info_span!("checkout", broker);
+    let checkout = tracing::info_span!(target: "shop", "checkout", broker);
     let trace_id = checkout.context().span().span_context().trace_id();
     topic
         .send(Message::new("order 42"))
@@ -104,7 +104,7 @@ async fn round_trip(
         msg.attribute(pubsub_core::trace::TRACEPARENT).unwrap_or("-"),
     );
     async move {
-        let _work = tracing::info_span!("handle order").entered();
+        let _work = tracing::info_span!(target: "shop", "handle order").entered();
         msg.ack();
     }
     .instrument(span)

@@ -764,10 +764,10 @@ fn init_tracing(traced: bool) -> Option<opentelemetry_sdk::trace::SdkTracerProvi
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("pubsub"))
-            // The core's producer spans only, not its debug spans.
+            // The core's producer spans only.
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
-                    .with_target("pubsub", tracing::Level::INFO),
+                    .with_target("pubsub_core::trace", tracing::Level::INFO),
             )
     });
     tracing_subscriber::registry().with(fmt).with(otel).init();

@@ -419,8 +419,7 @@ impl Message {
 
     #[inline]
     pub(crate) fn from_received(m: ReceivedMessage, token: u64, sub: Arc<Receiver>) -> Self {
-        #[cfg_attr(not(feature = "opentelemetry"), allow(unused_mut))]
-        let mut receipt = Box::new(Receipt {
+        let receipt = Box::new(Receipt {
             details: match m.lazy {
                 Some(at) => Details::Lazy {
                     at,
@@ -439,14 +438,6 @@ impl Message {
             #[cfg(feature = "opentelemetry")]
             span: tracing::Span::none(),
         });
-        #[cfg(feature = "opentelemetry")]
-        if receipt.sub.trace {
-            let d = &receipt.sub.driver;
-            receipt.span =
-                crate::trace::consumer_span(d.driver_name(), d.resource(), &m.attributes, || {
-                    receipt.id().to_owned()
-                });
-        }
         Message {
             body: m.body,
             attributes: m.attributes,
@@ -456,14 +447,61 @@ impl Message {
         }
     }
 
-    /// Writes the context of `span`, a send's producer span, into the
-    /// attributes of a message to send.
+    /// Gives a received message its consumer span, where its subscription
+    /// traces. Called once the message is out of the receive queue, so that
+    /// no span is made with the queue locked, and in the receiving
+    /// application's context on every path.
     #[cfg(feature = "opentelemetry")]
-    pub(crate) fn with_trace_context(mut self, span: &tracing::Span) -> Self {
-        if self.receipt.is_none() {
-            crate::trace::inject(span, &mut self.attributes);
+    pub(crate) fn start_span(&mut self) {
+        let Some(r) = self.receipt.as_mut() else {
+            return;
+        };
+        if !r.sub.trace {
+            return;
         }
-        self
+        let d = &r.sub.driver;
+        let span =
+            crate::trace::consumer_span(d.driver_name(), d.resource(), &self.attributes, || {
+                r.id().to_owned()
+            });
+        r.span = span;
+    }
+
+    /// Puts `extra`, the attributes carrying a send's trace context, in
+    /// place of any trace attributes (`fields`) the message carries, where
+    /// the backend's limits leave room; `size` is the message's size now.
+    /// Returns the size after.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn set_trace_context(
+        &mut self,
+        extra: crate::Attributes,
+        fields: &[String],
+        size: usize,
+        caps: &crate::Capabilities,
+    ) -> usize {
+        let stale = fields
+            .iter()
+            .filter_map(|f| self.attributes.get_key_value(f.as_str()));
+        let (stale_count, stale_bytes) =
+            stale.fold((0, 0), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
+        let added: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let after = size - stale_bytes + added;
+        let count = self.attributes.len() - stale_count + extra.len();
+        if caps.max_attributes.is_some_and(|max| count > max)
+            || caps.max_message_bytes.is_some_and(|max| after > max)
+        {
+            tracing::debug!(
+                attributes = count,
+                bytes = after,
+                "no room in the message for its trace context; sent without it"
+            );
+            return size;
+        }
+        for f in fields {
+            self.attributes.remove(f.as_str());
+        }
+        self.attributes.extend(extra);
+        after
     }
 
     /// The consumer span of a received message, open until it is settled:

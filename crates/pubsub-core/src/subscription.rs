@@ -77,12 +77,13 @@ impl Subscription {
     /// receive or ack error, which fails the subscription for good.
     pub async fn receive(&self) -> Result<Message> {
         // Under load a message is usually queued already: hand it out
-        // without the span and the machinery of waiting, whose setup and
-        // layers cost more than the hand-over itself.
+        // without the receive call's debug span and the machinery of
+        // waiting, whose setup and layers cost more than the hand-over
+        // itself. Either way the message gets its consumer span.
         if let Some(r) = self.engine.try_receive(Message::from_received) {
-            return r;
+            return traced(r);
         }
-        self.engine.receive(Message::from_received).await
+        traced(self.engine.receive(Message::from_received).await)
     }
 
     /// The messages as a stream, which ends when the subscription is shut
@@ -207,6 +208,18 @@ impl Subscription {
     pub fn as_raw<T: Any>(&self) -> Option<&T> {
         self.engine.driver.raw()?.downcast_ref::<T>()
     }
+}
+
+/// A received message with its consumer span, made here, out of the
+/// receive queue's lock and in the caller's context.
+#[inline]
+#[cfg_attr(not(feature = "opentelemetry"), allow(unused_mut))]
+fn traced(mut r: Result<Message>) -> Result<Message> {
+    #[cfg(feature = "opentelemetry")]
+    if let Ok(m) = &mut r {
+        m.start_span();
+    }
+    r
 }
 
 fn reap(done: Option<Result<(), tokio::task::JoinError>>) {

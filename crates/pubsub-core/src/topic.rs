@@ -83,18 +83,18 @@ impl Topic {
     pub async fn send(&self, message: Message) -> Result<()> {
         let inner = &*self.inner;
         #[cfg(feature = "opentelemetry")]
-        let (span, message) = if inner.trace {
-            let span =
-                crate::trace::producer_span(inner.driver.driver_name(), inner.driver.resource());
-            let message = message.with_trace_context(&span);
-            (span, message)
-        } else {
-            (self.send_span(), message)
-        };
+        let producer = inner.trace.then(|| {
+            crate::trace::producer_span(inner.driver.driver_name(), inner.driver.resource())
+        });
+        #[cfg(feature = "opentelemetry")]
+        let span = producer.clone().unwrap_or_else(|| self.send_span());
         #[cfg(not(feature = "opentelemetry"))]
-        let span = self.send_span();
+        let (producer, span) = (None, self.send_span());
         let started = inner.labels.start();
-        let r = self.send_inner(message).instrument(span.clone()).await;
+        let r = self
+            .send_inner(message, producer.as_ref())
+            .instrument(span)
+            .await;
         match &r {
             Ok(()) => {
                 inner.sent.increment(1);
@@ -105,7 +105,9 @@ impl Topic {
             Err(e) => {
                 inner.labels.send_failed(e.kind());
                 #[cfg(feature = "opentelemetry")]
-                crate::trace::failed(&span, e.kind().as_str());
+                if let Some(span) = &producer {
+                    crate::trace::failed(span, e.kind().as_str());
+                }
             }
         }
         r
@@ -119,7 +121,9 @@ impl Topic {
         )
     }
 
-    async fn send_inner(&self, message: Message) -> Result<()> {
+    /// Checks `message` and hands it to the batcher, with the trace context
+    /// of `producer` (the send's producer span) where it fits.
+    async fn send_inner(&self, message: Message, producer: Option<&tracing::Span>) -> Result<()> {
         let inner = &*self.inner;
         if inner.shut_down.load(Ordering::Acquire) {
             return Err(self.error(Error::failed_precondition("topic has been shut down")));
@@ -160,6 +164,20 @@ impl Topic {
                 ))));
             }
         }
+        // Added after the checks, so that a message the application made
+        // within the limits is never refused for the attributes added here.
+        #[cfg(feature = "opentelemetry")]
+        let (message, size) = match producer.and_then(crate::trace::context_attributes) {
+            Some(extra) => {
+                let mut message = message;
+                let fields = crate::trace::context_fields();
+                let size = message.set_trace_context(extra, &fields, size, &inner.caps);
+                (message, size)
+            }
+            None => (message, size),
+        };
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = producer;
         inner
             .batcher
             .send(message.into_outgoing(), size)

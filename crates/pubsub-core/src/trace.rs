@@ -4,9 +4,10 @@
 //! context goes into the message's attributes as W3C Trace Context:
 //! [`TRACEPARENT`] and [`TRACESTATE`], the names OpenTelemetry's
 //! propagators in every language read. A received message gets a consumer
-//! span (`process <subscription>`, kind consumer) that lives until the
-//! message is settled, is a child of the producer's span and links to it,
-//! so one trace runs from the producer through the broker to the consumer;
+//! span (`process <subscription>`, kind consumer) that is a child of the
+//! producer's span and links to it, so one trace runs from the producer
+//! through the broker to the consumer; it closes once the message is
+//! settled and no clone of it is held (the span ends at its last exit);
 //! [`crate::Message::span`] gives it, for the work on the message to run
 //! in, and [`crate::Subscription::handle_concurrently`] runs each handler
 //! in it. Both spans carry OpenTelemetry's messaging attributes
@@ -14,13 +15,19 @@
 //! `messaging.destination.subscription.name`, `messaging.operation.name`,
 //! `messaging.operation.type`, and `messaging.message.id` on receive).
 //!
-//! The spans are `tracing` spans at `INFO` with target `pubsub`; they become
-//! OpenTelemetry spans through a `tracing-opentelemetry` layer the
-//! application installs. Without one nothing is injected: there is no
-//! trace to carry. The context is written and read with the
-//! application's global propagator when it has set one
+//! The spans are `tracing` spans at `INFO` with target `pubsub_core::trace`;
+//! they become OpenTelemetry spans through a `tracing-opentelemetry` layer
+//! the application installs. Without one nothing is injected: there is no
+//! trace to carry. (A subscriber that records these spans without such a
+//! layer, a `fmt` one at `INFO` say, still makes them: its log lines inside
+//! a handler then show the message's id.) The context is written and read
+//! with the application's global propagator when it has set one
 //! (`opentelemetry::global::set_text_map_propagator`), else as W3C Trace
-//! Context. The two attributes count toward a backend's attribute limit.
+//! Context. The attributes count toward a backend's limits, so they are
+//! added only after the application's message passed its checks, and only
+//! where they still fit (else the message goes without them); a message
+//! that already carries trace attributes (one received and sent on) has
+//! them replaced.
 //! [`crate::TopicOptions::trace_context`] and
 //! [`crate::SubscriptionOptions::trace_context`] turn it off.
 //!
@@ -67,6 +74,23 @@ pub fn inject(span: &Span, attributes: &mut Attributes) {
     inject_context(&span.context(), attributes);
 }
 
+/// The attributes that carry `span`'s context, if it has one.
+pub(crate) fn context_attributes(span: &Span) -> Option<Attributes> {
+    let mut extra = Attributes::new();
+    inject(span, &mut extra);
+    (!extra.is_empty()).then_some(extra)
+}
+
+/// The attribute names trace context may travel in: W3C's and those of the
+/// global propagator, which a message sent on should not keep from before.
+pub(crate) fn context_fields() -> Vec<String> {
+    let mut names = vec![TRACEPARENT.to_owned(), TRACESTATE.to_owned()];
+    opentelemetry::global::get_text_map_propagator(|p| {
+        names.extend(p.fields().map(str::to_owned));
+    });
+    names
+}
+
 /// Writes `cx` into `attributes` with the global propagator if one is set,
 /// else as W3C Trace Context. Writes nothing for a context without a valid
 /// span, and no empty value (some backends refuse them; an empty
@@ -92,9 +116,12 @@ pub fn inject_context(cx: &Context, attributes: &mut Attributes) {
 /// global propagator if one is set, else as W3C Trace Context.
 pub fn extract(attributes: &Attributes) -> Option<Context> {
     let carrier = Reader(attributes);
-    let cx =
-        opentelemetry::global::get_text_map_propagator(|p| is_set(p).then(|| p.extract(&carrier)))
-            .unwrap_or_else(|| W3c.extract(&carrier));
+    // From an empty context, not the current one: a message without trace
+    // context must not come out with the ambient span as its producer.
+    let cx = opentelemetry::global::get_text_map_propagator(|p| {
+        is_set(p).then(|| p.extract_with_context(&Context::new(), &carrier))
+    })
+    .unwrap_or_else(|| W3c.extract_with_context(&Context::new(), &carrier));
     cx.span().span_context().is_valid().then_some(cx)
 }
 
@@ -107,7 +134,6 @@ fn is_set(p: &dyn TextMapPropagator) -> bool {
 /// The producer span of one send.
 pub(crate) fn producer_span(system: &'static str, topic: &str) -> Span {
     let span = tracing::info_span!(
-        target: "pubsub",
         "send",
         otel.name = tracing::field::Empty,
         otel.kind = "producer",
@@ -139,7 +165,6 @@ pub(crate) fn consumer_span(
     id: impl FnOnce() -> String,
 ) -> Span {
     let span = tracing::info_span!(
-        target: "pubsub",
         "process",
         otel.name = tracing::field::Empty,
         otel.kind = "consumer",
@@ -155,11 +180,16 @@ pub(crate) fn consumer_span(
     }
     span.record("otel.name", format!("process {subscription}"));
     span.record("messaging.message.id", id());
+    if attributes.is_empty() {
+        return span;
+    }
     if let Some(cx) = extract(attributes) {
         let producer = cx.span().span_context().clone();
-        // Fails only when the span has started, which it has not.
-        let _ = span.set_parent(cx);
-        span.add_link(producer);
+        // Fails where no OpenTelemetry layer records the span (nothing to
+        // link then); it has not started, so it takes the parent otherwise.
+        if span.set_parent(cx).is_ok() {
+            span.add_link(producer);
+        }
     }
     span
 }
@@ -191,9 +221,10 @@ impl Extractor for Reader<'_> {
     }
 }
 
-/// W3C Trace Context (<https://www.w3.org/TR/trace-context/>), as
-/// `opentelemetry_sdk`'s `TraceContextPropagator` writes and reads it; the
-/// tests hold the two to each other.
+/// W3C Trace Context (<https://www.w3.org/TR/trace-context/>): written as
+/// `opentelemetry_sdk`'s `TraceContextPropagator` writes it, and read as the
+/// specification says (a little stricter than the SDK, which also takes
+/// short ids); the tests hold the two to each other.
 #[derive(Debug)]
 struct W3c;
 

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 /// Spans recorded on this thread go to an in-memory exporter. The tests
 /// run on a current-thread runtime, so the core's tasks record there too.
@@ -290,6 +291,10 @@ async fn turned_off_it_adds_no_attributes_and_no_spans() {
     msg.ack();
     let spans = t.spans();
     assert!(
+        spans.iter().any(|s| s.name == "request"),
+        "the application's span is exported: {spans:#?}"
+    );
+    assert!(
         spans.iter().all(|s| s.span_kind == SpanKind::Internal),
         "no producer or consumer spans: {spans:#?}"
     );
@@ -350,4 +355,170 @@ async fn handlers_run_in_their_message_span() {
             .expect("a handler runs in its message's consumer span");
         assert_eq!(h.span_context.trace_id(), c.span_context.trace_id());
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_without_context_is_not_linked_to_the_ambient_span() {
+    let t = Traced::new();
+    let b = Broker::new();
+    b.create_topic("plain").unwrap();
+    b.create_subscription("plain", "plain", Duration::from_secs(30))
+        .unwrap();
+    let topic = b.topic_with_options("plain", TopicOptions::default().with_trace_context(false));
+    let sub = b.subscription("plain");
+    topic
+        .send(Message::new("x").with_attribute("k", "v"))
+        .await
+        .unwrap();
+    let worker = tracing::info_span!("worker");
+    let worker_id = worker.context().span().span_context().span_id();
+    async {
+        // As code instrumented with the OpenTelemetry API directly makes
+        // its span current.
+        let _current = tracing::Span::current().context().attach();
+        let msg = sub.receive().await.unwrap();
+        msg.ack();
+    }
+    .instrument(worker.clone())
+    .await;
+    drop(worker);
+    let spans = t.spans();
+    let consumers = by_kind(&spans, SpanKind::Consumer);
+    assert_eq!(consumers.len(), 1, "{spans:#?}");
+    assert!(
+        consumers[0].links.is_empty(),
+        "no producer, so no link: {:?}",
+        consumers[0].links
+    );
+    assert_eq!(
+        consumers[0].parent_span_id, worker_id,
+        "the receiving code's span is the parent"
+    );
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_sent_on_carries_the_new_context_only() {
+    let t = Traced::new();
+    let b = Broker::new();
+    for name in ["in", "out"] {
+        b.create_topic(name).unwrap();
+        b.create_subscription(name, name, Duration::from_secs(30))
+            .unwrap();
+    }
+    // The first hop came from another SDK, with a tracestate.
+    let foreign = b.topic_with_options("in", TopicOptions::default().with_trace_context(false));
+    foreign
+        .send(Message::new("x").with_attributes([
+            (
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            (TRACESTATE, "vendor=x"),
+        ]))
+        .await
+        .unwrap();
+    let (inbound, out) = (b.subscription("in"), b.topic("out"));
+    let msg = inbound.receive().await.unwrap();
+    // Sent on in the message's own span: the second hop continues its
+    // trace, tracestate included (a trace's state passes to its spans).
+    let span = msg.span();
+    let forwarded = msg.clone();
+    async { out.send(forwarded).await.unwrap() }
+        .instrument(span)
+        .await;
+    // Sent on from a trace of its own: nothing of the first trace stays.
+    out.send(msg.clone())
+        .instrument(tracing::info_span!("replay"))
+        .await
+        .unwrap();
+    msg.ack();
+    let out_sub = b.subscription("out");
+    let (second, replayed) = (
+        out_sub.receive().await.unwrap(),
+        out_sub.receive().await.unwrap(),
+    );
+    let spans = t.spans();
+    let producers = by_kind(&spans, SpanKind::Producer);
+    assert_eq!(producers.len(), 2);
+    let traceparent = |p: &SpanData| {
+        format!(
+            "00-{}-{}-01",
+            p.span_context.trace_id(),
+            p.span_context.span_id()
+        )
+    };
+    assert_eq!(
+        second.attribute(TRACEPARENT),
+        Some(traceparent(producers[0]).as_str())
+    );
+    assert!(traceparent(producers[0]).starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert_eq!(second.attribute(TRACESTATE), Some("vendor=x"));
+    assert_eq!(
+        replayed.attribute(TRACEPARENT),
+        Some(traceparent(producers[1]).as_str())
+    );
+    assert_ne!(
+        producers[1].span_context.trace_id(),
+        producers[0].span_context.trace_id()
+    );
+    assert_eq!(
+        replayed.attribute(TRACESTATE),
+        None,
+        "the first trace's tracestate does not ride along with another trace's traceparent"
+    );
+    second.ack();
+    replayed.ack();
+    for t in [foreign, out] {
+        t.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_at_the_size_limit_goes_without_its_context() {
+    let _t = Traced::new();
+    let b = Broker::with_max_message_bytes(64);
+    let (topic, sub) = pair(&b, "full");
+    // Exactly at the limit: accepted, and sent without the 66 bytes of
+    // traceparent that would not fit.
+    topic
+        .send(Message::new(vec![b'x'; 64]))
+        .instrument(tracing::info_span!("request"))
+        .await
+        .unwrap();
+    let full = sub.receive().await.unwrap();
+    assert!(full.attributes().is_empty(), "{:?}", full.attributes());
+    full.ack();
+    let e = topic.send(Message::new(vec![b'x'; 65])).await.unwrap_err();
+    assert_eq!(e.kind(), pubsub_core::ErrorKind::InvalidArgument, "{e}");
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_subscriber_without_an_opentelemetry_layer_adds_nothing() {
+    let _guard = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::sink)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .set_default();
+    let b = Broker::new();
+    let (topic, sub) = pair(&b, "logged");
+    topic
+        .send(Message::new("x"))
+        .instrument(tracing::info_span!("request"))
+        .await
+        .unwrap();
+    let msg = sub.receive().await.unwrap();
+    assert!(msg.attributes().is_empty(), "{:?}", msg.attributes());
+    assert!(
+        !msg.span().is_disabled(),
+        "the span is there for the log lines"
+    );
+    msg.ack();
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
 }
