@@ -10,7 +10,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pubsub_conformance::bench::{end_to_end, mpsc_baseline, resident_bytes, round_trips, Report};
+use pubsub_conformance::bench::{
+    chart_row, end_to_end, mpsc_baseline, resident_bytes, round_trips, write_chart_as, Report,
+};
+use pubsub_conformance::chart::RatioChart;
 use pubsub_core::mem::Broker;
 use pubsub_core::{Message, Subscription, Topic};
 
@@ -38,6 +41,13 @@ async fn shutdown(pairs: Vec<(Topic, Subscription)>) {
 }
 
 fn row(topics: usize, senders: usize, receivers: usize, lib: &Report, raw: &Report) {
+    let ratio = lib.rate() / raw.rate();
+    // One run a row: its ratio is both figures.
+    chart_row(
+        &format!("{topics} topic(s), {senders} sender(s), {receivers} receiver(s)"),
+        ratio,
+        ratio,
+    );
     println!(
         "| {topics:>3} | {senders:>3} | {receivers:>3} | {:>9.0} | {:>8.1?} | {:>9.0} | {:>8.1?} | {:>5.2} |",
         lib.rate(),
@@ -78,6 +88,14 @@ async fn matrix() {
         }
     }
     one(1, 100, 10, 2_000_000).await;
+    write_chart_as(
+        "mem",
+        RatioChart::new(
+            "In-memory driver end to end: pubsub against a bare tokio mpsc pipeline",
+            "tokio mpsc",
+        )
+        .without_target(),
+    );
 }
 
 async fn latency() {

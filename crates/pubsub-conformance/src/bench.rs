@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -339,6 +340,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// row label's column, `raw` the raw SDK, `tries` how many tries each row
 /// ran.
 pub fn ratio_header(first: &str, raw: &str, tries: usize) {
+    set_chart_section(first);
     println!(
         "| {first} | raw {raw} msg/s (best) | pubsub msg/s (best) | ratio of bests | median ratio of {tries} tries |"
     );
@@ -359,13 +361,65 @@ pub fn ratio_row(label: &str, raws: &[f64], libs: &[f64]) {
     }
     let best = |v: &[f64]| v.iter().copied().fold(0f64, f64::max);
     let ratios = libs.iter().zip(raws).map(|(l, r)| l / r).collect();
+    let (of_bests, median) = (best(libs) / best(raws), median(ratios));
     println!(
-        "| {label} | {:>9.0} | {:>9.0} | {:.2} | {:.2} |",
+        "| {label} | {:>9.0} | {:>9.0} | {of_bests:.2} | {median:.2} |",
         best(raws),
         best(libs),
-        best(libs) / best(raws),
-        median(ratios)
     );
+    chart_row(label, of_bests, median);
+}
+
+/// A charted row: its label, the ratio of the bests, the median ratio.
+type ChartRow = (String, f64, f64);
+
+/// The section (the first column's name) new rows go under, and the rows
+/// this process's benchmark has charted so far.
+type Charted = (String, Vec<ChartRow>);
+
+static CHART: Mutex<Charted> = Mutex::new((String::new(), Vec::new()));
+
+fn chart_lock() -> std::sync::MutexGuard<'static, Charted> {
+    CHART.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names the section later [`chart_row`]s belong to ("senders",
+/// "backlog"); [`ratio_header`] sets it from its first column.
+pub fn set_chart_section(section: &str) {
+    chart_lock().0 = section.trim().to_owned();
+}
+
+/// Adds a row to the chart [`write_chart`] draws: the ratio of the bests
+/// and the median of the per-try ratios. [`ratio_row`] adds its own.
+pub fn chart_row(label: &str, of_bests: f64, median: f64) {
+    let mut c = chart_lock();
+    let label = match c.0.as_str() {
+        "" => label.trim().to_owned(),
+        section => format!("{section}: {}", label.trim()),
+    };
+    c.1.push((label, of_bests, median));
+}
+
+/// Draws the rows charted so far as `<charts dir>/<name>.svg` (see
+/// [`crate::chart::charts_dir`]), reports where on standard error, and
+/// starts a new chart. Nothing is written when no row was charted (a run
+/// of only some of a benchmark's parts writes what they measured).
+pub fn write_chart(name: &str, title: &str, baseline: &str) {
+    write_chart_as(name, crate::chart::RatioChart::new(title, baseline));
+}
+
+/// [`write_chart`] into `chart` as made (one [`without_target`], say).
+///
+/// [`without_target`]: crate::chart::RatioChart::without_target
+pub fn write_chart_as(name: &str, mut chart: crate::chart::RatioChart) {
+    let rows = std::mem::take(&mut chart_lock().1);
+    if rows.is_empty() {
+        return;
+    }
+    for (label, of_bests, median) in rows {
+        chart.row(label, of_bests, median);
+    }
+    chart.write_and_report(name);
 }
 
 /// CPU time this process has used so far, summed over its threads (from

@@ -59,6 +59,7 @@ use pubsub_core::{driver, Capabilities, Error, Message, Result, Subscription, To
 
 pub mod bench;
 pub mod cases;
+pub mod chart;
 pub mod faults;
 pub mod peer;
 

@@ -17,6 +17,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use pubsub_conformance::bench::{ratio_header, ratio_row, write_chart};
 use pubsub_core::Message;
 use pubsub_driver_amqp::{lapin, open_topic, Connector, TopicConfig};
 
@@ -143,10 +144,7 @@ fn main() {
         let connector = Connector::new(&url()).unwrap();
 
         println!("Sends with publisher confirms, {BODY}-byte persistent bodies, one connection");
-        println!(
-            "| senders | raw lapin msg/s (best) | pubsub msg/s (best) | ratio of bests | median ratio of {TRIES} tries |"
-        );
-        println!("|---:|---:|---:|---:|---:|");
+        ratio_header("senders", "lapin", TRIES);
         // `cargo bench ... -- 10` runs only that many senders.
         let only: Vec<usize> = std::env::args()
             .skip(1)
@@ -173,16 +171,7 @@ fn main() {
                     .unwrap();
                 libs.push(driver(&connector, x, senders, total).await);
             }
-            let mut ratios: Vec<f64> = libs.iter().zip(&raws).map(|(l, r)| l / r).collect();
-            ratios.sort_by(f64::total_cmp);
-            let best = |v: &[f64]| v.iter().copied().fold(0f64, f64::max);
-            println!(
-                "| {senders:>3} | {:>9.0} | {:>9.0} | {:.2} | {:.2} |",
-                best(&raws),
-                best(&libs),
-                best(&libs) / best(&raws),
-                ratios[ratios.len() / 2]
-            );
+            ratio_row(&format!("{senders:>3}"), &raws, &libs);
         }
         admin
             .queue_purge(q.into(), QueuePurgeOptions::default())
@@ -190,4 +179,9 @@ fn main() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     });
+    write_chart(
+        "amqp",
+        "RabbitMQ: pubsub against lapin, sends with publisher confirms",
+        "raw lapin",
+    );
 }

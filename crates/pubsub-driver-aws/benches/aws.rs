@@ -353,4 +353,9 @@ fn main() {
             receive(&c).await;
         }
     });
+    pubsub_conformance::bench::write_chart(
+        "aws",
+        "AWS SNS and SQS (moto): pubsub against aws-sdk-sns / aws-sdk-sqs",
+        "raw AWS SDK",
+    );
 }

@@ -360,4 +360,9 @@ fn main() {
             receive(&clients, &admin).await;
         }
     });
+    pubsub_conformance::bench::write_chart(
+        "gcp",
+        "Google Cloud Pub/Sub (emulator): pubsub against google-cloud-pubsub",
+        "raw google-cloud-pubsub",
+    );
 }

@@ -25,6 +25,7 @@
 //! `KAFKA_BENCH_TOPIC` then reads instead of a fresh one, so that a
 //! profiler (`valgrind --tool=callgrind`) sees the reading alone.
 
+use pubsub_conformance::bench::{chart_row, median, set_chart_section, write_chart};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,7 @@ async fn driver_sends(settings: &KafkaConfig, topic: &str, senders: usize, total
 async fn sends() {
     let settings = KafkaConfig::new(&brokers());
     println!("\nSends, {BODY}-byte bodies, each sender awaiting its delivery report");
+    set_chart_section("senders");
     println!("| senders | raw rdkafka msg/s (best linger.ms) | pubsub msg/s | ratio |");
     println!("|---:|---:|---:|---:|");
     for (senders, total) in [(1, 3_000), (10, 20_000), (100, 100_000)] {
@@ -166,6 +168,8 @@ async fn sends() {
             "| {senders:>3} | {best_raw:>9.0} (linger {best_linger}) | {lib:>9.0} | {:.2} |",
             lib / best_raw
         );
+        // One figure a row: the best of each side over two rounds.
+        chart_row(&format!("{senders:>3}"), lib / best_raw, lib / best_raw);
     }
 }
 
@@ -437,31 +441,24 @@ async fn receive() {
         "| raw rdkafka | raw msg/s | pubsub msg/s | ratio (best/best) | ratio (median of tries) | raw CPU µs/msg | pubsub CPU µs/msg |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
+    set_chart_section("receive vs raw");
     for (i, (_, what)) in MODES.iter().enumerate() {
         let r = raw[i];
+        let median = median(std::mem::take(&mut ratios[i]));
         println!(
-            "| {what} | {:>9.0} | {:>9.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {what} | {:>9.0} | {:>9.0} | {:.2} | {median:.2} | {:.2} | {:.2} |",
             r.rate,
             lib.rate,
             lib.rate / r.rate,
-            median(std::mem::take(&mut ratios[i])),
             r.cpu_us,
             lib.cpu_us
         );
+        let short = ["in place", "detaching", "reading nothing"];
+        chart_row(short[i], lib.rate / r.rate, median);
     }
     if std::env::args().any(|a| a == "driver-only") {
         let d = driver_only_receive(&settings, &topic).await;
         println!("driver alone (no core): {d:.0} msg/s");
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -491,4 +488,5 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     });
+    write_chart("kafka", "Kafka: pubsub against rdkafka", "raw rdkafka");
 }

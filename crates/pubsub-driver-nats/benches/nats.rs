@@ -28,6 +28,7 @@
 //! expire their messages within the hour, and are deleted at the end (also
 //! when a run panics). Nothing else on the server is touched.
 
+use pubsub_conformance::bench::{chart_row, median, set_chart_section, write_chart};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -252,16 +253,6 @@ fn best(v: &[Run]) -> f64 {
     v.iter().map(|r| r.rate).fold(0f64, f64::max)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// A table row from the rates of both sides, try by try. With
 /// `PUBSUB_BENCH_VERBOSE` set, each try's rates go to stderr too.
 fn row(label: &str, raws: &[Run], libs: &[Run]) {
@@ -285,16 +276,17 @@ fn row(label: &str, raws: &[Run], libs: &[Run]) {
         .zip(raws)
         .map(|(l, r)| l.rate / r.rate)
         .collect();
+    let (of_bests, median) = (best(libs) / best(raws), median(ratios));
     println!(
-        "| {label} | {:>9.0} | {:>9.0} | {:.2} | {:.2} |",
+        "| {label} | {:>9.0} | {:>9.0} | {of_bests:.2} | {median:.2} |",
         best(raws),
         best(libs),
-        best(libs) / best(raws),
-        median(ratios)
     );
+    chart_row(label, of_bests, median);
 }
 
 fn header(first: &str) {
+    set_chart_section(first);
     println!(
         "| {first} | raw async-nats msg/s (best) | pubsub msg/s (best) | ratio of bests | median ratio of {TRIES} tries |"
     );
@@ -526,4 +518,9 @@ fn main() {
             panic!("{e}");
         }
     });
+    write_chart(
+        "nats",
+        "NATS JetStream: pubsub against async-nats",
+        "raw async-nats",
+    );
 }
