@@ -81,6 +81,14 @@
 //!   [`google_cloud_pubsub::Error`].
 //! - Attributes travel verbatim and the body as the message's data, as
 //!   the Go CDK's driver puts them, so Go and Rust services share topics.
+//! - Connection loss: the client reopens its streaming pull and the
+//!   driver reads it from one task, so a receive the core gives up never
+//!   abandons a stream being opened. Acks and lease extensions the client
+//!   could not send while a connection was down are dropped by it (it
+//!   tries each once a subchannel), so their messages come back: expect
+//!   duplicates after a network fault. Against the emulator, a cut
+//!   connection can also leave some messages late until the subscription
+//!   is reopened; `tests/faults.rs` says what was measured.
 //!
 //! # Compared with the Go CDK
 //! - The Go CDK receives with unary Pull and sends its own

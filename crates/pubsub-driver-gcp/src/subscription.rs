@@ -22,11 +22,12 @@ use futures_util::future::{BoxFuture, Shared};
 use futures_util::FutureExt;
 use google_cloud_pubsub::client::{Subscriber, SubscriptionAdmin};
 use google_cloud_pubsub::subscriber::handler::Handler;
-use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior};
+use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior, ShutdownToken};
 use pubsub_core::driver::{
     self, AckId, BatchError, BatchLimits, Capabilities, Nacked, ReceivedMessage, Settlement,
 };
 use pubsub_core::{Error, Result};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -44,6 +45,9 @@ const MAX_DEADLINE: Duration = Duration::from_secs(600);
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 /// How long `close` waits for the client to send its last acks and nacks.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Messages read from the stream and not yet received; past it the pump
+/// waits, and the client's flow control holds the service back.
+const PUMP_CAPACITY: usize = 1024;
 
 /// How a subscription receives.
 #[non_exhaustive]
@@ -94,6 +98,62 @@ struct Held {
     entries: HashMap<u64, Entry>,
 }
 
+type Pulled =
+    std::result::Result<(google_cloud_pubsub::model::Message, Handler), google_cloud_pubsub::Error>;
+
+/// A task that reads the client's stream into a channel.
+///
+/// The stream's `next` is not cancel-safe while it reopens the streaming
+/// pull after a transport error: a `next` dropped then abandons a
+/// StreamingPull the service may already have sent messages on, which the
+/// client never sees. So one task owns the stream and awaits `next` to the
+/// end, and `receive_batch` (which the core may cancel) only reads the
+/// channel. The channel holds no more than the client's flow control lets
+/// out, and every message in it is leased by the client until handed on.
+struct Pump {
+    rx: mpsc::Receiver<Pulled>,
+    token: ShutdownToken,
+    /// An error read after messages a receive returned, for the next one.
+    failed: Option<google_cloud_pubsub::Error>,
+    task: JoinHandle<()>,
+}
+
+impl Pump {
+    fn start(mut stream: MessageStream) -> Pump {
+        let token = stream.shutdown_token();
+        let (tx, rx) = mpsc::channel(PUMP_CAPACITY);
+        let task = tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    // Nobody reads any more: dropping the stream nacks what
+                    // the client still leases.
+                    _ = tx.closed() => return,
+                    item = stream.next() => item,
+                };
+                let Some(item) = item else { return };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    // The client gives an error only once the stream is
+                    // done for good.
+                    return;
+                }
+            }
+        });
+        Pump {
+            rx,
+            token,
+            failed: None,
+            task,
+        }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The driver side of a Pub/Sub subscription.
 ///
 /// [`pubsub_core::Subscription::as_raw`] gives its
@@ -106,7 +166,7 @@ pub struct GcpSubscription {
     path: String,
     config: SubscriptionConfig,
     deadline: Duration,
-    stream: tokio::sync::Mutex<Option<MessageStream>>,
+    pump: tokio::sync::Mutex<Option<Pump>>,
     held: Arc<Mutex<Held>>,
     reaper: JoinHandle<()>,
 }
@@ -157,7 +217,7 @@ impl GcpSubscription {
             path,
             config,
             deadline,
-            stream: tokio::sync::Mutex::new(None),
+            pump: tokio::sync::Mutex::new(None),
             held,
             reaper,
         })
@@ -300,11 +360,14 @@ impl driver::Subscription for GcpSubscription {
     }
 
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
-        let mut guard = self.stream.lock().await;
-        let stream = guard.get_or_insert_with(|| self.stream());
-        // The stream's `next` is cancel-safe: what it read and did not
-        // return stays in its pool for the next call.
-        let first = match stream.next().await {
+        let mut guard = self.pump.lock().await;
+        let pump = guard.get_or_insert_with(|| Pump::start(self.stream()));
+        if let Some(e) = pump.failed.take() {
+            *guard = None;
+            return Err(crate::error::call("receive", e));
+        }
+        // Cancel-safe: a message the channel holds stays there.
+        let first = match pump.rx.recv().await {
             Some(Ok(pair)) => pair,
             Some(Err(e)) => {
                 // A stream that failed for good is done; the next receive
@@ -319,18 +382,18 @@ impl driver::Subscription for GcpSubscription {
         };
         let mut got = vec![first];
         while got.len() < max {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(pair))) => got.push(pair),
-                Some(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "the streaming pull failed; reopening on the next receive");
+            match pump.rx.try_recv() {
+                Ok(Ok(pair)) => got.push(pair),
+                Ok(Err(e)) => {
+                    // Returned by the next receive, after these messages.
+                    pump.failed = Some(e);
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
                     *guard = None;
                     break;
                 }
-                Some(None) => {
-                    *guard = None;
-                    break;
-                }
-                None => break,
             }
         }
         drop(guard);
@@ -425,12 +488,12 @@ impl driver::Subscription for GcpSubscription {
     }
 
     async fn close(&self) -> Result<()> {
-        let stream = self.stream.lock().await.take();
-        if let Some(stream) = stream {
+        let pump = self.pump.lock().await.take();
+        if let Some(pump) = pump {
             // Sends the acks the client holds and nacks what it still
-            // leases, so those messages come back promptly.
-            let token = stream.shutdown_token();
-            if tokio::time::timeout(CLOSE_WAIT, token.shutdown())
+            // leases (those the channel holds among them), so those
+            // messages come back promptly.
+            if tokio::time::timeout(CLOSE_WAIT, pump.token.shutdown())
                 .await
                 .is_err()
             {
