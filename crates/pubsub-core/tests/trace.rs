@@ -71,10 +71,34 @@ fn by_kind(spans: &[SpanData], kind: SpanKind) -> Vec<&SpanData> {
 }
 
 fn pair(b: &Broker, name: &str) -> (pubsub_core::Topic, pubsub_core::Subscription) {
+    pair_with(
+        b,
+        name,
+        TopicOptions::default(),
+        SubscriptionOptions::default(),
+    )
+}
+
+/// A topic and its one subscription, both named `name`.
+fn pair_with(
+    b: &Broker,
+    name: &str,
+    topic: TopicOptions,
+    sub: SubscriptionOptions,
+) -> (pubsub_core::Topic, pubsub_core::Subscription) {
     b.create_topic(name).unwrap();
     b.create_subscription(name, name, Duration::from_secs(30))
         .unwrap();
-    (b.topic(name), b.subscription(name))
+    (
+        b.topic_with_options(name, topic),
+        b.subscription_with_options(name, sub),
+    )
+}
+
+/// Topic options that send no trace context, as a producer outside this
+/// library would.
+fn untraced() -> TopicOptions {
+    TopicOptions::default().with_trace_context(false)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -216,13 +240,10 @@ async fn every_message_handed_out_gets_its_own_span() {
 async fn a_context_written_by_another_producer_is_continued() {
     let t = Traced::new();
     let b = Broker::new();
-    b.create_topic("foreign").unwrap();
-    b.create_subscription("foreign", "foreign", Duration::from_secs(30))
-        .unwrap();
+
     // A producer in another language: its SDK's W3C propagator wrote the
     // attributes, and this side sends no context of its own.
-    let topic = b.topic_with_options("foreign", TopicOptions::default().with_trace_context(false));
-    let sub = b.subscription("foreign");
+    let (topic, sub) = pair_with(&b, "foreign", untraced(), SubscriptionOptions::default());
     let remote = SpanContext::new(
         TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
         SpanId::from_hex("00f067aa0ba902b7").unwrap(),
@@ -272,12 +293,10 @@ async fn a_context_written_by_another_producer_is_continued() {
 async fn turned_off_it_adds_no_attributes_and_no_spans() {
     let t = Traced::new();
     let b = Broker::new();
-    b.create_topic("quiet").unwrap();
-    b.create_subscription("quiet", "quiet", Duration::from_secs(30))
-        .unwrap();
-    let topic = b.topic_with_options("quiet", TopicOptions::default().with_trace_context(false));
-    let sub = b.subscription_with_options(
+    let (topic, sub) = pair_with(
+        &b,
         "quiet",
+        untraced(),
         SubscriptionOptions::default().with_trace_context(false),
     );
     topic
@@ -361,11 +380,8 @@ async fn handlers_run_in_their_message_span() {
 async fn a_message_without_context_is_not_linked_to_the_ambient_span() {
     let t = Traced::new();
     let b = Broker::new();
-    b.create_topic("plain").unwrap();
-    b.create_subscription("plain", "plain", Duration::from_secs(30))
-        .unwrap();
-    let topic = b.topic_with_options("plain", TopicOptions::default().with_trace_context(false));
-    let sub = b.subscription("plain");
+
+    let (topic, sub) = pair_with(&b, "plain", untraced(), SubscriptionOptions::default());
     topic
         .send(Message::new("x").with_attribute("k", "v"))
         .await
@@ -408,7 +424,7 @@ async fn a_message_sent_on_carries_the_new_context_only() {
             .unwrap();
     }
     // The first hop came from another SDK, with a tracestate.
-    let foreign = b.topic_with_options("in", TopicOptions::default().with_trace_context(false));
+    let foreign = b.topic_with_options("in", untraced());
     foreign
         .send(Message::new("x").with_attributes([
             (
