@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pubsub_core::driver::{self, AckId, BatchError, OutgoingMessage};
 use pubsub_core::{
-    BatchOptions, ErrorKind, Message, Subscription, SubscriptionOptions, Topic, TopicOptions,
+    BatchOptions, ErrorKind, Message, NackBackoff, Subscription, SubscriptionOptions, Topic,
+    TopicOptions,
 };
 
 use crate::Harness;
@@ -840,6 +841,47 @@ pub async fn nack_redelivers(h: &impl Harness) {
         assert!(b > a, "delivery attempt grows: {a} then {b}");
     }
     again.ack();
+    finish(f).await;
+}
+
+/// A nacked message comes back after the subscription's nack backoff and
+/// not before it, and a nack with a delay of its own waits that delay
+/// instead.
+pub async fn nack_backoff_delays_redelivery(h: &impl Harness) {
+    // What a clock read on each side of the backend may be off by.
+    let slack = Duration::from_millis(100);
+    let backoff = Duration::from_secs(2);
+    let f = fixture(
+        h,
+        "nack-backoff",
+        LONG_DEADLINE,
+        TopicOptions::default(),
+        SubscriptionOptions::default().with_nack_backoff(NackBackoff::fixed(backoff)),
+    )
+    .await;
+    f.topic.send(Message::new("later")).await.expect("send");
+    let m = recv(&f.sub, ARRIVAL).await;
+    let nacked = std::time::Instant::now();
+    m.nack();
+    let again = recv(&f.sub, ARRIVAL).await;
+    let waited = nacked.elapsed();
+    assert_eq!(again.body().as_ref(), b"later");
+    assert!(
+        waited + slack >= backoff,
+        "redelivered {waited:?} after the nack, before the backoff of {backoff:?}"
+    );
+    let own = Duration::from_secs(3);
+    let nacked = std::time::Instant::now();
+    again.nack_with_delay(own);
+    let third = recv(&f.sub, ARRIVAL).await;
+    let waited = nacked.elapsed();
+    assert_eq!(third.body().as_ref(), b"later");
+    assert!(
+        waited + slack >= own,
+        "a nack with its own delay of {own:?} was redelivered after {waited:?}"
+    );
+    third.ack();
+    assert_eq!(f.sub.stats().nacked, 2);
     finish(f).await;
 }
 

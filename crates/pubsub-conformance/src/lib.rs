@@ -247,7 +247,13 @@ macro_rules! conformance_tests {
 #[macro_export]
 macro_rules! __group {
     ($h:ty, nack) => {
-        $crate::__cases!($h; nack_redelivers, dropped_message_is_nacked, driver_double_nack_is_harmless);
+        $crate::__cases!(
+            $h;
+            nack_redelivers,
+            nack_backoff_delays_redelivery,
+            dropped_message_is_nacked,
+            driver_double_nack_is_harmless
+        );
     };
     ($h:ty, fan_out) => {
         $crate::__cases!($h; two_subscriptions_each_get_every_message);

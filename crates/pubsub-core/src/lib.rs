@@ -77,7 +77,9 @@ pub use driver::{Attributes, BatchLimits, Capabilities, Sent};
 pub use error::{Error, ErrorKind, Result};
 pub use mem::parse_duration;
 pub use message::Message;
-pub use options::{BatchOptions, SubscriptionOptions, TopicOptions, DEFAULT_SEND_GIVE_UP};
+pub use options::{
+    BatchOptions, NackBackoff, SubscriptionOptions, TopicOptions, DEFAULT_SEND_GIVE_UP,
+};
 pub use registry::{
     open_subscription, open_topic, parse_bool, query_pairs, redact_url, registry, resource_name,
     Opener, Registry,

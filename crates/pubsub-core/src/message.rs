@@ -307,17 +307,25 @@ impl Message {
         self.receipt = None;
     }
 
-    /// Hands a received message back for redelivery soon. Returns at once.
+    /// Hands a received message back for redelivery after the
+    /// subscription's [`NackBackoff`](crate::NackBackoff) (100 ms on a first
+    /// delivery by default, doubling each delivery). Returns at once.
     ///
     /// Where the backend cannot nack, the message is left to come back after
     /// its ack deadline; [`crate::Capabilities::nack`] tells which.
     pub fn nack(mut self) {
-        self.settle_nack(false);
+        self.settle_nack(false, None);
+    }
+
+    /// Hands a received message back for redelivery after `delay` instead of
+    /// the subscription's backoff; zero redelivers at once. Returns at once.
+    pub fn nack_with_delay(mut self, delay: std::time::Duration) {
+        self.settle_nack(false, Some(delay));
     }
 
     /// Nacks a received message, handing its content as delivered to the
     /// subscription.
-    fn settle_nack(&mut self, dropped: bool) {
+    fn settle_nack(&mut self, dropped: bool, delay: Option<std::time::Duration>) {
         let Some(r) = self.receipt.take() else {
             return;
         };
@@ -341,7 +349,8 @@ impl Message {
         #[cfg(feature = "opentelemetry")]
         crate::trace::settled(&span, if dropped { "drop" } else { "nack" });
         let d = delivered.map(|d| *d).unwrap_or_default();
-        sub.settler.nack(Nacked {
+        let delay = delay.unwrap_or_else(|| sub.nack_backoff.delay(delivery_attempt));
+        sub.nack(Nacked {
             ack_id,
             body: d.body.unwrap_or_else(|| std::mem::take(&mut self.body)),
             attributes: d
@@ -353,6 +362,7 @@ impl Message {
                 Details::Lazy { at, .. } => Some(at),
                 Details::Given { .. } => None,
             },
+            delay,
             token,
         });
     }
@@ -540,7 +550,7 @@ fn delivered(receipt: &mut Option<Box<Receipt>>) -> Option<&mut Delivered> {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.settle_nack(true);
+        self.settle_nack(true, None);
     }
 }
 

@@ -151,6 +151,12 @@ pub struct SubscriptionOptions {
     /// producer's span its attributes carry (with the `opentelemetry`
     /// feature; see `pubsub_core::trace`). Default: on.
     pub trace_context: bool,
+    /// How long a nacked (or dropped) message waits before it is delivered
+    /// again, by its delivery attempt. Default:
+    /// [`NackBackoff::default`], 100 ms doubling each attempt up to 60 s,
+    /// so a message that always fails does not spin its consumer and the
+    /// broker. [`NackBackoff::none`] redelivers at once, as the Go CDK does.
+    pub nack_backoff: NackBackoff,
 }
 
 impl Default for SubscriptionOptions {
@@ -162,6 +168,7 @@ impl Default for SubscriptionOptions {
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             trace_context: true,
+            nack_backoff: NackBackoff::default(),
         }
     }
 }
@@ -202,6 +209,105 @@ impl SubscriptionOptions {
         self.trace_context = on;
         self
     }
+
+    /// Sets the redelivery delay of nacked messages.
+    pub fn with_nack_backoff(mut self, backoff: NackBackoff) -> Self {
+        self.nack_backoff = backoff;
+        self
+    }
+}
+
+/// How long a nacked message waits before it is delivered again: `initial`
+/// on its first delivery, multiplied by `multiplier` for each delivery
+/// after that, never more than `max`.
+///
+/// The attempt is the one the backend reports
+/// ([`Message::delivery_attempt`](crate::Message::delivery_attempt)); where
+/// it reports none (RabbitMQ's classic queues, Kafka's first reads), every
+/// nack waits `initial`.
+///
+/// Where the backend can delay a redelivery itself (the in-memory broker,
+/// SQS's visibility timeout, JetStream's delayed nak; see
+/// [`Capabilities::max_nack_delay`](crate::Capabilities::max_nack_delay))
+/// the nack is sent at once and the backend waits; elsewhere the
+/// subscription holds the nacked message, keeping its lease, and nacks it
+/// when the delay is over. Either way another consumer does not get the
+/// message before then either, and a subscription shut down meanwhile
+/// nacks what it holds at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use pubsub_core::NackBackoff;
+///
+/// let b = NackBackoff::exponential(Duration::from_millis(100), Duration::from_secs(1));
+/// assert_eq!(b.delay(Some(1)), Duration::from_millis(100));
+/// assert_eq!(b.delay(Some(3)), Duration::from_millis(400));
+/// assert_eq!(b.delay(Some(9)), Duration::from_secs(1));
+/// assert_eq!(b.delay(None), Duration::from_millis(100));
+/// assert_eq!(NackBackoff::none().delay(Some(5)), Duration::ZERO);
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NackBackoff {
+    /// The delay after a first delivery.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// How much longer each further delivery waits.
+    pub multiplier: f64,
+}
+
+impl Default for NackBackoff {
+    fn default() -> Self {
+        NackBackoff::exponential(Duration::from_millis(100), Duration::from_secs(60))
+    }
+}
+
+impl NackBackoff {
+    /// No delay: a nacked message is redelivered at once.
+    pub const fn none() -> Self {
+        NackBackoff::fixed(Duration::ZERO)
+    }
+
+    /// The same delay after every delivery.
+    pub const fn fixed(delay: Duration) -> Self {
+        NackBackoff {
+            initial: delay,
+            max: delay,
+            multiplier: 1.0,
+        }
+    }
+
+    /// A delay starting at `initial` and doubling each delivery, up to `max`.
+    pub const fn exponential(initial: Duration, max: Duration) -> Self {
+        NackBackoff {
+            initial,
+            max,
+            multiplier: 2.0,
+        }
+    }
+
+    /// Sets the factor between one delivery's delay and the next's.
+    pub fn with_multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// The delay of a message nacked on delivery `attempt` (1 for the first;
+    /// `None` where the backend does not count).
+    pub fn delay(&self, attempt: Option<u32>) -> Duration {
+        if self.initial.is_zero() {
+            return Duration::ZERO;
+        }
+        let further = attempt.unwrap_or(1).saturating_sub(1).min(64) as i32;
+        let factor = if self.multiplier.is_finite() && self.multiplier >= 1.0 {
+            self.multiplier.powi(further)
+        } else {
+            1.0
+        };
+        let secs = self.initial.as_secs_f64() * factor;
+        Duration::try_from_secs_f64(secs).map_or(self.max, |d| d.min(self.max))
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +327,23 @@ mod tests {
         assert_eq!(merged.max_batch_bytes, Some(1000));
         assert_eq!(merged.max_handlers, 2);
         assert_eq!(BatchOptions::default().merge(driver), driver);
+    }
+
+    #[test]
+    fn nack_backoff_stays_within_its_bounds() {
+        let b = NackBackoff::exponential(Duration::from_millis(100), Duration::from_secs(60));
+        assert_eq!(b, NackBackoff::default());
+        assert_eq!(b.delay(Some(0)), Duration::from_millis(100));
+        assert_eq!(b.delay(Some(2)), Duration::from_millis(200));
+        assert_eq!(b.delay(Some(11)), Duration::from_secs(60));
+        assert_eq!(b.delay(Some(u32::MAX)), Duration::from_secs(60));
+        let odd = NackBackoff::exponential(Duration::from_secs(1), Duration::ZERO)
+            .with_multiplier(f64::NAN);
+        assert_eq!(odd.delay(Some(3)), Duration::ZERO, "max wins");
+        let shrinking = NackBackoff::fixed(Duration::from_secs(2)).with_multiplier(0.5);
+        assert_eq!(shrinking.delay(Some(4)), Duration::from_secs(2));
+        let huge =
+            NackBackoff::exponential(Duration::from_secs(1), Duration::MAX).with_multiplier(1e300);
+        assert_eq!(huge.delay(Some(3)), Duration::MAX);
     }
 }

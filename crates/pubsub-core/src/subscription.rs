@@ -443,7 +443,7 @@ mod tests {
             extra: 1,
             ..AcksAtOnce::default()
         });
-        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let sub = Subscription::with_options(d.clone(), at_once());
         let mut changed = sub.receive().await.unwrap();
         let dropped = sub.receive().await.unwrap();
         let plain = sub.receive().await.unwrap();
@@ -491,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn local_settlements_skip_the_batchers_and_release_their_leases() {
         let d = Arc::new(AcksAtOnce::default());
-        let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
+        let sub = Subscription::with_options(d.clone(), at_once());
         let a = sub.receive().await.unwrap();
         let b = sub.receive().await.unwrap();
         let late = sub.receive().await.unwrap();
@@ -516,6 +516,60 @@ mod tests {
         assert_eq!(nacked, [Some(1)], "settled at once too");
         assert_eq!(d.batches.load(Ordering::SeqCst), 0);
         assert_eq!(sub.stats().acked, 1, "the late ack is not counted as acked");
+        assert_eq!(sub.stats().late_settlements, 1);
+    }
+
+    /// Options under which a nack is sent as it is made.
+    fn at_once() -> SubscriptionOptions {
+        SubscriptionOptions::default().with_nack_backoff(crate::NackBackoff::none())
+    }
+
+    fn nacked_ids(d: &AcksAtOnce) -> Vec<Option<u64>> {
+        let mut ids: Vec<_> = lock(&d.nacked).iter().map(|(id, ..)| id.as_u64()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nacks_wait_out_their_backoff_where_the_backend_cannot_delay() {
+        let d = Arc::new(AcksAtOnce {
+            extra: 1,
+            ..AcksAtOnce::default()
+        });
+        let backoff = crate::NackBackoff::fixed(Duration::from_secs(1));
+        let sub = Subscription::with_options(
+            d.clone(),
+            SubscriptionOptions::default().with_nack_backoff(backoff),
+        );
+        let started = tokio::time::Instant::now();
+        let nacked = sub.receive().await.unwrap();
+        let kept = sub.receive().await.unwrap();
+        let dropped = sub.receive().await.unwrap();
+        let own = sub.receive().await.unwrap();
+        nacked.nack();
+        drop(dropped);
+        own.nack_with_delay(Duration::from_secs(3600));
+        assert_eq!(nacked_ids(&d), [], "held, not sent");
+        assert_eq!(
+            lock(&sub.engine.leases.held).len(),
+            4,
+            "the leases of held nacks are kept"
+        );
+        assert_eq!(sub.stats().nacked, 3, "counted when made");
+        tokio::time::sleep(Duration::from_millis(990)).await;
+        assert_eq!(nacked_ids(&d), [], "not before the backoff");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(nacked_ids(&d), [Some(0), Some(2)], "sent when due");
+        assert_eq!(lock(&sub.engine.leases.held).len(), 2);
+        sub.shutdown().await.unwrap();
+        assert_eq!(
+            nacked_ids(&d),
+            [Some(0), Some(2), Some(3)],
+            "shutdown sends what it holds"
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+        kept.ack();
+        assert_eq!(sub.stats().nacked, 3);
         assert_eq!(sub.stats().late_settlements, 1);
     }
 

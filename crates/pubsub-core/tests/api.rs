@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use pubsub_core::mem::Broker;
-use pubsub_core::{open_subscription, open_topic, ErrorKind, Message};
+use pubsub_core::{
+    open_subscription, open_topic, ErrorKind, Message, NackBackoff, SubscriptionOptions,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -219,6 +221,51 @@ async fn prefetched_messages_are_nacked_on_shutdown() {
             .ack();
     }
     again.shutdown().await.unwrap();
+    topic.shutdown().await.unwrap();
+}
+
+/// Each nack of one message waits longer, by its delivery attempt, and the
+/// broker (not the subscription) keeps it for that long: a second
+/// subscription on the same backlog does not get it sooner either.
+#[tokio::test]
+async fn nack_backoff_grows_with_the_delivery_attempt() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(60))
+        .unwrap();
+    let topic = b.topic("t");
+    topic.send(Message::new("again")).await.unwrap();
+    let backoff = NackBackoff::exponential(Duration::from_millis(200), Duration::from_secs(5));
+    let sub = b.subscription_with_options(
+        "s",
+        SubscriptionOptions::default().with_nack_backoff(backoff),
+    );
+    let other = b.subscription("s");
+    let mut m = sub.receive().await.unwrap();
+    for attempt in 1..=3u32 {
+        assert_eq!(m.delivery_attempt(), Some(attempt));
+        let nacked = std::time::Instant::now();
+        m.nack();
+        let first = tokio::select! {
+            m = sub.receive() => m,
+            m = other.receive() => m,
+        };
+        m = first.unwrap();
+        let waited = nacked.elapsed();
+        let due = backoff.delay(Some(attempt));
+        assert_eq!(due, Duration::from_millis(200 << (attempt - 1)));
+        assert!(
+            waited >= due,
+            "attempt {attempt}: back after {waited:?}, due {due:?}"
+        );
+        assert!(
+            waited < due + Duration::from_secs(2),
+            "attempt {attempt}: {waited:?}"
+        );
+    }
+    m.ack();
+    sub.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
     topic.shutdown().await.unwrap();
 }
 

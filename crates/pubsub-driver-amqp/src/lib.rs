@@ -53,7 +53,10 @@
 //! - Attributes travel as AMQP headers with long-string values; headers of
 //!   other types written by other clients are read as strings by the rule in
 //!   [`headers`](crate#headers). The ordering key is not carried.
-//! - Acks and nacks are batched by the core; nack requeues at once.
+//! - Acks and nacks are batched by the core; nack requeues at once, so a
+//!   nack's [`NackBackoff`](pubsub_core::NackBackoff) delay is kept by the
+//!   core, which holds the delivery (unacked, counting against the
+//!   prefetch) until it is due and requeues it then.
 //!   RabbitMQ has no ack deadline or lease: an unacked delivery comes back
 //!   when its channel closes.
 //! - When the connection or a channel drops (broker restart, forced close,

@@ -78,8 +78,11 @@
 //!   ordering key is not sent.
 //! - Receiving is ReceiveMessage with long polling ([`DEFAULT_WAIT_TIME`]),
 //!   up to ten a call and several calls at once for bigger batches. Ack is
-//!   DeleteMessageBatch; nack ChangeMessageVisibilityBatch to 0 (or to
-//!   [`SubscriptionConfig::nack_delay`]), or nothing with `nacklazy`.
+//!   DeleteMessageBatch; nack ChangeMessageVisibilityBatch to the delay
+//!   the core's [`NackBackoff`](pubsub_core::NackBackoff) gives it (whole
+//!   seconds, rounded up; so SQS keeps the message invisible, not the
+//!   client; to [`SubscriptionConfig::nack_delay`] where the backoff gives
+//!   none), or nothing with `nacklazy`.
 //!   Leases: the core's lease keeper extends a held message's visibility
 //!   through ChangeMessageVisibilityBatch, so it is not redelivered while
 //!   held (up to `SubscriptionOptions::max_lease_extension`); the ack
@@ -104,7 +107,7 @@
 //! - Lease extension, FIFO deduplication by message id, the limits checked
 //!   before I/O, and nack after a delay are this driver's; the Go CDK has
 //!   none of them, and nacks with a visibility timeout of 1 s where this
-//!   driver uses 0.
+//!   driver uses the backoff's delay (0 with `NackBackoff::none()`).
 //! - The Go CDK polls without waiting by default (`waittime` 0, with a
 //!   250 ms pause after an empty poll); this driver long-polls for 2 s.
 //! - `rate_limiter_capacity`, `request_checksum_calculation` and

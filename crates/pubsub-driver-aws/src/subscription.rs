@@ -55,7 +55,11 @@ pub struct SubscriptionConfig {
     /// Nack does nothing; the message comes back after its visibility
     /// timeout.
     pub nack_lazy: bool,
-    /// How long a nacked message stays invisible (0: redelivered at once).
+    /// How long a nacked message stays invisible when its nack carries no
+    /// delay of its own (0: redelivered at once). The core's
+    /// [`NackBackoff`](pubsub_core::NackBackoff), on by default, gives each
+    /// nack its delay, which then sets the visibility timeout; this applies
+    /// only where it gives none.
     pub nack_delay: Duration,
     /// ReceiveMessage's wait time (0–20 s).
     pub wait_time: Duration,
@@ -404,6 +408,8 @@ impl driver::Subscription for AwsSubscription {
         c.lease_extension = true;
         c.redelivery_after_deadline = true;
         c.ack_deadline = Some(self.visibility);
+        // A nack's delay is the visibility timeout it sets.
+        c.max_nack_delay = Some(MAX_VISIBILITY_TIMEOUT);
         c.ordering_keys = self.fifo;
         c.max_message_bytes = Some(crate::MAX_MESSAGE_BYTES);
         c.max_attributes = Some(encode::MAX_ATTRIBUTES);
@@ -454,13 +460,39 @@ impl driver::Subscription for AwsSubscription {
             return Settlement::done(Ok(()));
         }
         Settlement::later(async move {
-            let ids: Vec<&AckId> = nacks.iter().map(|n| &n.ack_id).collect();
-            self.change_visibility(
-                "ChangeMessageVisibilityBatch (nack)",
-                &ids,
-                self.shared.config.nack_delay,
-            )
-            .await
+            // One request a visibility timeout: nacks of one batch mostly
+            // share their delay, which comes from the delivery attempt.
+            let configured = self.shared.config.nack_delay;
+            let mut by_delay: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+            for (i, n) in nacks.iter().enumerate() {
+                let delay = if n.delay.is_zero() {
+                    configured
+                } else {
+                    n.delay
+                };
+                by_delay.entry(whole_seconds(delay)).or_default().push(i);
+            }
+            let mut failed = Vec::new();
+            for (secs, at) in &by_delay {
+                let ids: Vec<&AckId> = at.iter().map(|&i| &nacks[i].ack_id).collect();
+                let delay = Duration::from_secs(u64::try_from(*secs).unwrap_or(0));
+                match self
+                    .change_visibility("ChangeMessageVisibilityBatch (nack)", &ids, delay)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if by_delay.len() == 1 => return Err(e),
+                    Err(BatchError::All(e)) => failed.extend(at.iter().map(|&i| (i, e.clone()))),
+                    Err(BatchError::Items(v)) => {
+                        failed.extend(v.into_iter().map(|(j, e)| (at[j], e)));
+                    }
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(BatchError::Items(failed))
+            }
         })
     }
 

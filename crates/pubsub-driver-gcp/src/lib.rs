@@ -62,8 +62,12 @@
 //! - Receiving is the client's streaming pull. Ack and nack go to the
 //!   client, which batches them into Acknowledge and ModifyAckDeadline
 //!   calls of its own (so the core treats them as local bookkeeping);
-//!   nack is an immediate redelivery (deadline 0), or with `nacklazy` the
-//!   message is left to its deadline. On a subscription with exactly-once
+//!   nack is a redelivery (deadline 0) once the core's
+//!   [`NackBackoff`](pubsub_core::NackBackoff) delay is over (the core
+//!   holds the message and the client keeps its lease meanwhile, since the
+//!   client's handler cannot nack with a deadline; immediate with
+//!   `NackBackoff::none()`), or with `nacklazy` the message is left to its
+//!   deadline. On a subscription with exactly-once
 //!   delivery an ack completes when Pub/Sub confirms it, and fails (its
 //!   message to be redelivered) when the lease had expired.
 //! - Leases: the client keeps the lease of each message it delivered, and

@@ -342,6 +342,12 @@ pub(crate) fn capabilities(config: &SubscriptionConfig, deadline: Duration) -> C
     c.max_receive_batch = config.max_recv_batch_size;
     // One streaming pull a subscription: its messages arrive in one queue.
     c.max_concurrent_receives = 1;
+    // The client's handler nacks at once only, so the core holds a delayed
+    // nack (the client keeps its lease meanwhile). A lazy nack leaves the
+    // message to its deadline anyway: nothing to hold it for.
+    if config.nack_lazy {
+        c.max_nack_delay = Some(Duration::MAX);
+    }
     c
 }
 

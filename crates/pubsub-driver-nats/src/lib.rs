@@ -48,8 +48,10 @@
 //!   `InvalidArgument`. A header that does not unescape (a stray `%` from a
 //!   client that does not escape) is kept as it arrived; the Go CDK fails
 //!   such a message. The ordering key is not carried.
-//! - Ack is JetStream's `+ACK`, nack is `-NAK` (after
-//!   [`SubscriptionConfig::nack_delay`] if set), lease extension is `+WPI`
+//! - Ack is JetStream's `+ACK`, nack is `-NAK` with the delay the core's
+//!   [`NackBackoff`](pubsub_core::NackBackoff) gives it (so the server
+//!   waits, not the client; [`SubscriptionConfig::nack_delay`] where the
+//!   backoff gives none), lease extension is `+WPI`
 //!   (in progress), which restarts the delivery's `ack_wait`. The ack
 //!   deadline is the consumer's `ack_wait`: the core's lease keeper sends
 //!   `+WPI` for messages the application holds before it passes. Acks
@@ -158,6 +160,9 @@ pub(crate) fn subscription_capabilities(ack_wait: Duration, batch: usize) -> Cap
     c.max_receive_batch = batch.max(1);
     // One pull stream a subscription: its messages arrive in one queue.
     c.max_concurrent_receives = 1;
+    // A nak carries its delay, which the server keeps without a limit of its
+    // own; half a day is what SQS allows.
+    c.max_nack_delay = Some(Duration::from_secs(12 * 3600));
     c
 }
 

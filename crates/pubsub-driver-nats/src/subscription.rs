@@ -42,8 +42,13 @@ pub struct SubscriptionConfig {
     /// when the server sent it, so keep it well under what the application
     /// handles in one `ack_wait`.
     pub batch: usize,
-    /// How long JetStream waits before redelivering a nacked message;
-    /// `None` redelivers at once.
+    /// How long JetStream waits before redelivering a nacked message whose
+    /// nack carries no delay of its own. The core's
+    /// [`NackBackoff`](pubsub_core::NackBackoff) (on by default) gives each
+    /// nack its delay, and this applies only where it gives none
+    /// ([`NackBackoff::none`](pubsub_core::NackBackoff::none), or
+    /// `Message::nack_with_delay(Duration::ZERO)`). `None` redelivers those at
+    /// once.
     pub nack_delay: Option<Duration>,
     /// Create the durable consumer with this configuration if it does not
     /// exist (its `durable_name` is set to the subscription's consumer
@@ -229,13 +234,21 @@ impl NatsSubscription {
         kind: AckKind,
     ) -> Result<(), BatchError> {
         let payload = Bytes::from(kind);
+        self.reply_each(ids.map(|id| (id, payload.clone()))).await
+    }
+
+    /// Publishes each payload to its delivery's reply subject.
+    async fn reply_each<'a>(
+        &'a self,
+        replies: impl Iterator<Item = (&'a AckId, Bytes)>,
+    ) -> Result<(), BatchError> {
         let mut failed = Vec::new();
-        for (i, id) in ids.enumerate() {
+        for (i, (id, payload)) in replies.enumerate() {
             let Some(reply) = reply_of(id) else {
                 failed.push((i, Error::invalid_argument("not a JetStream delivery")));
                 continue;
             };
-            if let Err(e) = self.client.publish(reply.clone(), payload.clone()).await {
+            if let Err(e) = self.client.publish(reply.clone(), payload).await {
                 failed.push((i, error::client_publish(e)));
             }
         }
@@ -357,8 +370,11 @@ impl driver::Subscription for NatsSubscription {
     }
 
     fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
-        let kind = AckKind::Nak(self.config.nack_delay);
-        Settlement::later(self.reply_all(nacks.iter().map(|n| &n.ack_id), kind))
+        let configured = self.config.nack_delay;
+        Settlement::later(self.reply_each(nacks.iter().map(move |n| {
+            let delay = Some(n.delay).filter(|d| !d.is_zero()).or(configured);
+            (&n.ack_id, Bytes::from(AckKind::Nak(delay)))
+        })))
     }
 
     async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use pubsub_core::{ErrorKind, Message, Registry, Subscription};
+use pubsub_core::{ErrorKind, Message, NackBackoff, Registry, Subscription, SubscriptionOptions};
 use pubsub_driver_nats::async_nats::jetstream::consumer::pull;
 use pubsub_driver_nats::{open_subscription, open_topic, NatsOpener, SubscriptionConfig};
 
@@ -118,7 +118,9 @@ async fn a_nack_delay_holds_redelivery_back_and_attempts_are_counted() {
         .await
         .unwrap();
     let config = SubscriptionConfig::default().with_nack_delay(Duration::from_secs(1));
-    let sub = open_subscription(&js, &name, "c", config, Default::default())
+    // The configured delay is for nacks the core's backoff gives none.
+    let options = SubscriptionOptions::default().with_nack_backoff(NackBackoff::none());
+    let sub = open_subscription(&js, &name, "c", config, options)
         .await
         .unwrap();
     let topic = open_topic(&js, &name, Default::default()).unwrap();

@@ -47,9 +47,12 @@
 //!   claims (`XAUTOCLAIM`) entries of its group that have been pending
 //!   longer than [`SubscriptionConfig::ack_deadline`], and hands them out
 //!   again with their delivery count. Nack makes an entry claimable at once
-//!   (`XCLAIM ... IDLE`), lease extension resets its idle time (`XCLAIM ...
-//!   JUSTID`), both without counting a delivery. Every consumer of a group
-//!   should use the same deadline.
+//!   (`XCLAIM ... IDLE`) when its [`NackBackoff`](pubsub_core::NackBackoff)
+//!   delay is over (the core holds it, its lease kept, until then: an idle
+//!   time cannot say "claimable later" to every consumer's deadline), lease
+//!   extension resets its idle time (`XCLAIM ... JUSTID`), both without
+//!   counting a delivery. Every consumer of a group should use the same
+//!   deadline.
 //! - [`SubscriptionConfig::max_deliveries`] stops handing out an entry
 //!   delivered that often: it is copied to a dead-letter stream if one is
 //!   set, and acked.

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -337,12 +338,25 @@ pub struct Nacked {
     /// The numbers given to [`ReceivedMessage::describe_lazily`], if the
     /// message was made with it.
     pub lazy: Option<(i64, i64)>,
+    /// How long the backend should wait before delivering the message
+    /// again; zero for at once. Only ever non-zero for a driver that declares
+    /// [`Capabilities::max_nack_delay`](super::Capabilities::max_nack_delay),
+    /// and never above it; the core holds longer-delayed nacks of other
+    /// drivers itself.
+    pub delay: Duration,
     /// The core's lease token, so a batch of nacks releases its leases
     /// without a copy of each id.
     pub(crate) token: u64,
 }
 
 impl Nacked {
+    /// Sets the redelivery delay, for handing a delivery back at the driver
+    /// level.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
     /// A delivery as received, for handing it back at the driver level (the
     /// core does this itself).
     pub fn from_received(m: &ReceivedMessage) -> Self {
@@ -353,6 +367,7 @@ impl Nacked {
             ordering_key: m.ordering_key.clone(),
             delivery_attempt: m.delivery_attempt,
             lazy: m.lazy,
+            delay: Duration::ZERO,
             token: 0,
         }
     }
@@ -367,6 +382,7 @@ impl Nacked {
             ordering_key: m.ordering_key,
             delivery_attempt: m.delivery_attempt,
             lazy: m.lazy,
+            delay: Duration::ZERO,
             token,
         }
     }
@@ -379,6 +395,7 @@ impl fmt::Debug for Nacked {
             .field("body_len", &self.body.len())
             .field("attributes", &self.attributes)
             .field("delivery_attempt", &self.delivery_attempt)
+            .field("delay", &self.delay)
             .finish()
     }
 }

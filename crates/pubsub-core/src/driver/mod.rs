@@ -259,6 +259,12 @@ pub struct Capabilities {
     pub max_receive_batch: usize,
     /// Most `receive_batch` calls in flight at once.
     pub max_concurrent_receives: usize,
+    /// The longest delay the backend itself can put on a nack's redelivery
+    /// ([`Nacked::delay`]): the in-memory broker's, SQS's visibility timeout,
+    /// JetStream's delayed nak. `None` (the default): the backend redelivers
+    /// a nack at once, so the core holds a delayed nack, keeping its lease,
+    /// and sends it when it is due. Delays beyond the maximum are cut to it.
+    pub max_nack_delay: Option<Duration>,
 }
 
 impl Default for Capabilities {
@@ -279,6 +285,7 @@ impl Default for Capabilities {
             local_settlement: false,
             max_receive_batch: 1000,
             max_concurrent_receives: 4,
+            max_nack_delay: None,
         }
     }
 }

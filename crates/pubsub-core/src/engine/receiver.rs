@@ -17,7 +17,7 @@ use super::sizer::BatchSizer;
 use crate::driver::{self, Capabilities, Deliveries, Nacked, ReceivedMessage};
 use crate::error::{Error, Result};
 use crate::metric::{Labels, ReceiveMetrics};
-use crate::options::SubscriptionOptions;
+use crate::options::{NackBackoff, SubscriptionOptions};
 use crate::retry::RetryPolicy;
 
 /// One subscription's engine, shared by every clone of its handle and by
@@ -50,6 +50,8 @@ pub(crate) struct Receiver {
     handlers: AtomicUsize,
     handlers_done: Notify,
     drain_timeout: Duration,
+    /// The redelivery delay of a nacked message.
+    pub(crate) nack_backoff: NackBackoff,
     metrics: ReceiveMetrics,
     /// Whether received messages get consumer spans.
     #[cfg(feature = "opentelemetry")]
@@ -170,10 +172,40 @@ impl Receiver {
             handlers: AtomicUsize::new(0),
             handlers_done: Notify::new(),
             drain_timeout: options.drain_timeout,
+            nack_backoff: options.nack_backoff,
             #[cfg(feature = "opentelemetry")]
             trace: options.trace_context,
             metrics: ReceiveMetrics::new(&labels),
         })
+    }
+
+    /// Nacks one delivery after its delay: at once where there is none or
+    /// the backend waits by itself, otherwise held here (its lease kept)
+    /// until it is due.
+    pub(crate) fn nack(self: &Arc<Self>, mut nacked: Nacked) {
+        let delay = std::mem::take(&mut nacked.delay);
+        let token = nacked.token;
+        if !delay.is_zero() {
+            match self.caps.max_nack_delay {
+                Some(max) => nacked.delay = delay.min(max),
+                None => match self.settler.hold(nacked) {
+                    Some(not_held) => nacked = not_held,
+                    None => {
+                        let this = Arc::downgrade(self);
+                        // Only a weak reference waits, so a subscription
+                        // dropped meanwhile is not kept alive by its nacks.
+                        self.runtime.spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            if let Some(this) = this.upgrade() {
+                                this.settler.release_held(token);
+                            }
+                        });
+                        return;
+                    }
+                },
+            }
+        }
+        self.settler.nack(nacked);
     }
 
     /// Counts a handler as running until the guard is dropped; shutdown
@@ -580,6 +612,8 @@ impl Receiver {
         // Receives now fail, so no handler starts; those running finish
         // and settle before the last acks go out.
         self.drain_handlers().await;
+        // Nacks waiting out their delay go now, to whoever reads next.
+        self.settler.release_all_held();
         self.keeper_stop.send_replace(true);
         self.settler.close().await;
         let keeper = lock(&self.keeper).take();

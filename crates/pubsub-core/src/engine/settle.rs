@@ -2,6 +2,7 @@
 //! bookkeeping is local, otherwise batched, and the first permanent failure
 //! kept to fail the subscription.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,6 +76,9 @@ pub(crate) struct Settler {
     pub(crate) late: AtomicU64,
     /// Nacks on a backend that cannot nack, left to the ack deadline.
     pub(crate) unnackable: AtomicU64,
+    /// Nacks waiting out their delay, by lease token; `None` once shutdown
+    /// has sent them.
+    held: Mutex<Option<HashMap<u64, Nacked>>>,
     metrics: Arc<SettleMetrics>,
     labels: Labels,
     /// `Message::extend_lease`'s calls, one lease each.
@@ -126,6 +130,7 @@ impl Settler {
             dropped: AtomicU64::new(0),
             late: AtomicU64::new(0),
             unnackable: AtomicU64::new(0),
+            held: Mutex::new(Some(HashMap::new())),
             metrics,
             labels: labels.clone(),
             extend_one: labels.call("extend"),
@@ -206,6 +211,16 @@ impl Settler {
             self.leases.release(std::iter::once(nacked.token));
             return;
         }
+        if self.send_nack(nacked) {
+            self.count_nack();
+        } else {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("nack after shutdown ignored; the backend will redeliver");
+        }
+    }
+
+    /// Sends a nack at once or batches it; false if refused after shutdown.
+    fn send_nack(&self, nacked: Nacked) -> bool {
         if self.at_once() {
             let token = nacked.token;
             if self.settled(
@@ -213,15 +228,47 @@ impl Settler {
                 token,
                 "nack",
             ) {
-                self.count_nack();
-                return;
+                return true;
             }
         }
-        if self.nacks.add_detached(nacked, 0).is_ok() {
-            self.count_nack();
-        } else {
-            self.late.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("nack after shutdown ignored; the backend will redeliver");
+        self.nacks.add_detached(nacked, 0).is_ok()
+    }
+
+    /// Holds a nack until [`release_held`](Self::release_held) with its
+    /// lease token or shutdown, keeping its lease, and counts it as nacked.
+    /// Gives it back if it cannot be held: the backend cannot nack, or
+    /// shutdown has begun.
+    pub(crate) fn hold(&self, nacked: Nacked) -> Option<Nacked> {
+        if !self.can_nack {
+            return Some(nacked);
+        }
+        let mut held = lock(&self.held);
+        let Some(map) = held.as_mut() else {
+            return Some(nacked);
+        };
+        map.insert(nacked.token, nacked);
+        drop(held);
+        self.count_nack();
+        None
+    }
+
+    /// Sends a held nack whose delay is over, unless shutdown sent it.
+    pub(crate) fn release_held(&self, token: u64) {
+        let nacked = lock(&self.held).as_mut().and_then(|m| m.remove(&token));
+        if let Some(n) = nacked {
+            if !self.send_nack(n) {
+                self.late.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends every held nack at once and holds no more, at shutdown.
+    pub(crate) fn release_all_held(&self) {
+        let held = lock(&self.held).take().unwrap_or_default();
+        for (_, n) in held {
+            if !self.send_nack(n) {
+                self.late.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -384,9 +384,21 @@ impl driver::Subscription for SubscriptionDriver {
     }
 
     fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
-        let r = self.settle(nacks.iter().map(|n| &n.ack_id), |q, tag| {
-            if let Some(o) = q.outstanding.remove(&tag) {
-                q.ready.push_front((o.msg, o.attempts));
+        let now = Instant::now();
+        let mut nacks = nacks.iter();
+        let r = self.settle(nacks.clone().map(|n| &n.ack_id), |q, tag| {
+            // `settle` skips ids that are not tags, which mem never gives.
+            let delay = nacks.next().map_or(Duration::ZERO, |n| n.delay);
+            if delay.is_zero() {
+                if let Some(o) = q.outstanding.remove(&tag) {
+                    q.ready.push_front((o.msg, o.attempts));
+                }
+            } else if let Some(o) = q.outstanding.get_mut(&tag) {
+                // Back when the reaper finds the deadline passed, as a lapsed
+                // lease is; the receive waiting wakes to wait for it.
+                let due = now.checked_add(delay).unwrap_or(o.deadline);
+                o.deadline = due;
+                q.deadlines.push(Reverse((due, tag)));
             }
         });
         if let Ok(s) = self.state() {

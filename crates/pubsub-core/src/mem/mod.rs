@@ -81,6 +81,10 @@ pub const DEFAULT_ACK_DEADLINE: Duration = Duration::from_secs(60);
 /// Google Cloud Pub/Sub's, so code that works here does not break there.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 
+/// The longest redelivery delay of a nack, as SQS's longest visibility
+/// timeout: 12 hours.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(12 * 3600);
+
 /// How long one `receive_batch` waits for a message before returning none.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -367,6 +371,7 @@ impl Broker {
             max_concurrent_receives: 2,
             // Acks and nacks only update the subscription's queue.
             local_settlement: true,
+            max_nack_delay: Some(MAX_NACK_DELAY),
             ..Capabilities::default()
         }
     }
