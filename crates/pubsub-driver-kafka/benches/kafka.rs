@@ -305,6 +305,7 @@ async fn driver_receive(settings: &KafkaConfig, topic: &str) -> Run {
         SubscriptionConfig::default().with_offset(StartOffset::Oldest),
         SubscriptionOptions::default(),
     )
+    .await
     .unwrap();
     let backlog = backlog();
     let mut started = None;

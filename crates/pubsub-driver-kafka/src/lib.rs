@@ -4,12 +4,15 @@
 //! - topic `kafka://TOPIC[?key_name=ATTR]`: with `key_name`, each message's
 //!   key is its `ATTR` attribute, which is not also sent as a header (as in
 //!   the Go CDK); otherwise its ordering key;
-//! - subscription `kafka://GROUP?topic=T[&topic=T2][&offset=oldest|newest][&key_name=ATTR]`:
+//! - subscription `kafka://GROUP?topic=T[&topic=T2][&offset=oldest|newest][&key_name=ATTR][&wait_for_join=DURATION]`:
 //!   a consumer in consumer group `GROUP`; `offset` says where a group with
 //!   no committed offsets starts (default `newest`); with `key_name`, each
 //!   record's key (when not empty) becomes its `ATTR` attribute, so a Go
 //!   service's keyed messages keep that attribute (the Go CDK takes this
-//!   option in code only, not in the URL).
+//!   option in code only, not in the URL). At `newest`, opening joins the
+//!   group first, waiting up to `wait_for_join` (default 30 s; `0s` does
+//!   not wait), so nothing sent after the open is skipped: the Go CDK's
+//!   `WaitForJoin`, which there is code-only and off by default.
 //!
 //! The brokers come from `KAFKA_BROKERS`; [`KafkaConfig`] takes them, any
 //! librdkafka setting (`session.timeout.ms`, SASL...) or an rdkafka
@@ -49,8 +52,10 @@
 //!   a consumer that keeps up never idles waiting for the next fetch. Any
 //!   setting given in [`KafkaConfig`] overrides the driver's.
 //! - Nack works, unlike in the Go CDK (which panics): a nacked message is
-//!   handed out again soon by this consumer from a local queue, and its
-//!   offset is not committed until it is acked.
+//!   handed out again by this consumer from a local queue once its
+//!   [`NackBackoff`](pubsub_core::NackBackoff) delay is over (the core
+//!   holds it until then), and its offset is not committed until it is
+//!   acked.
 //! - `Message::delivery_attempt` is `None` on a first read: Kafka keeps no
 //!   delivery count, and another consumer (or this group before a restart)
 //!   may have read the offset already. A nacked message handed out again
@@ -96,8 +101,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pubsub_core::driver::{BatchLimits, Capabilities};
 use pubsub_core::{
-    query_pairs, Error, Opener, Registry, Result, Subscription, SubscriptionOptions, Topic,
-    TopicOptions, Url,
+    parse_duration, query_pairs, Error, Opener, Registry, Result, Subscription,
+    SubscriptionOptions, Topic, TopicOptions, Url,
 };
 use rdkafka::error::KafkaResult;
 use rdkafka::metadata::Metadata;
@@ -107,6 +112,7 @@ pub use config::KafkaConfig;
 pub use rdkafka;
 pub use subscription::{
     KafkaConsumer, KafkaContext, KafkaSubscription, StartOffset, SubscriptionConfig,
+    DEFAULT_WAIT_FOR_JOIN,
 };
 pub use topic::{KafkaTopic, OutgoingRecord, TopicConfig};
 
@@ -174,15 +180,27 @@ pub fn open_topic(
     Ok(Topic::with_options(Arc::new(driver), options))
 }
 
-/// Opens a subscription: a consumer in `group` for `topics`.
-pub fn open_subscription(
+/// Opens a subscription: a consumer in `group` for `topics`. At
+/// [`StartOffset::Newest`] it first joins the group, waiting up to
+/// [`SubscriptionConfig::wait_for_join`] (see [`KafkaSubscription::join`]),
+/// so that what is sent once this returns is received; `NotFound` if a
+/// topic does not exist.
+pub async fn open_subscription(
     settings: &KafkaConfig,
     group: &str,
     topics: &[&str],
     config: SubscriptionConfig,
     options: SubscriptionOptions,
 ) -> Result<Subscription> {
+    let wait = config.wait_for_join;
+    let join = config.offset == StartOffset::Newest && !wait.is_zero();
     let driver = KafkaSubscription::new(settings, group, topics, config)?;
+    if join && !driver.join(wait).await? {
+        tracing::warn!(
+            group,
+            "the consumer group did not join within {wait:?}; messages sent before it does may be skipped"
+        );
+    }
     Ok(Subscription::with_options(Arc::new(driver), options))
 }
 
@@ -220,7 +238,7 @@ impl Opener for KafkaOpener {
     fn url_forms(&self, _scheme: &str) -> &'static [&'static str] {
         &[
             "kafka://TOPIC[?key_name=ATTR]  (topic; brokers from KAFKA_BROKERS)",
-            "kafka://GROUP?topic=TOPIC[&offset=oldest|newest&key_name=ATTR]  (subscription: a consumer group)",
+            "kafka://GROUP?topic=TOPIC[&offset=oldest|newest&key_name=ATTR&wait_for_join=DURATION]  (subscription: a consumer group)",
         ]
     }
 
@@ -250,6 +268,7 @@ impl Opener for KafkaOpener {
                 ("offset", "oldest") => config.offset = StartOffset::Oldest,
                 ("offset", "newest") => config.offset = StartOffset::Newest,
                 ("key_name", _) if !v.is_empty() => config.key_name = Some(v),
+                ("wait_for_join", _) => config.wait_for_join = parse_duration(&v)?,
                 ("offset", _) => {
                     return Err(Error::invalid_argument(format!(
                         "offset must be oldest or newest, not {v:?}"
@@ -257,7 +276,7 @@ impl Opener for KafkaOpener {
                 }
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown kafka:// subscription URL parameter {k:?}; known: key_name, offset, topic"
+                        "unknown kafka:// subscription URL parameter {k:?}; known: key_name, offset, topic, wait_for_join"
                     )))
                 }
             }
@@ -275,6 +294,7 @@ impl Opener for KafkaOpener {
             config,
             SubscriptionOptions::default(),
         )
+        .await
     }
 }
 

@@ -19,6 +19,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedMessage};
+use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, Timestamp, TopicPartitionList};
 use tokio::sync::Notify;
 
@@ -39,6 +40,16 @@ const POLL: Duration = Duration::from_millis(500);
 /// the acks themselves.
 const STORE_AFTER: Duration = Duration::from_millis(5);
 
+/// How long one poll of [`KafkaSubscription::join`] waits before it looks
+/// at the assignment again.
+const JOIN_POLL: Duration = Duration::from_millis(100);
+/// Most messages one poll of `join` takes.
+const JOIN_BATCH: usize = 1000;
+
+/// How long opening a subscription at [`StartOffset::Newest`] waits for
+/// its group to join by default.
+pub const DEFAULT_WAIT_FOR_JOIN: Duration = Duration::from_secs(30);
+
 /// Where a new consumer group starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -53,7 +64,7 @@ pub enum StartOffset {
 
 /// Options of a consumer-group subscription.
 #[non_exhaustive]
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SubscriptionConfig {
     /// Where a group with no committed offsets starts.
     pub offset: StartOffset,
@@ -62,6 +73,24 @@ pub struct SubscriptionConfig {
     /// as the Go CDK's `SubscriptionOptions.KeyName`. The key is the
     /// message's ordering key either way.
     pub key_name: Option<String>,
+    /// How long [`open_subscription`](crate::open_subscription) waits for
+    /// the consumer to join its group (see [`KafkaSubscription::join`])
+    /// when `offset` is [`StartOffset::Newest`], so that a new group does
+    /// not skip what is sent between the open and the first receive.
+    /// Default: [`DEFAULT_WAIT_FOR_JOIN`]; zero opens without waiting, as
+    /// the Go CDK does by default (its `WaitForJoin`). Opening still
+    /// succeeds if the time runs out.
+    pub wait_for_join: Duration,
+}
+
+impl Default for SubscriptionConfig {
+    fn default() -> Self {
+        SubscriptionConfig {
+            offset: StartOffset::default(),
+            key_name: None,
+            wait_for_join: DEFAULT_WAIT_FOR_JOIN,
+        }
+    }
 }
 
 impl SubscriptionConfig {
@@ -74,6 +103,12 @@ impl SubscriptionConfig {
     /// Sets where a new group starts.
     pub fn with_offset(mut self, offset: StartOffset) -> Self {
         self.offset = offset;
+        self
+    }
+
+    /// Sets how long opening at `Newest` waits for the group to join.
+    pub fn with_wait_for_join(mut self, within: Duration) -> Self {
+        self.wait_for_join = within;
         self
     }
 }
@@ -215,7 +250,7 @@ struct Tracker {
     store_due: bool,
 }
 
-fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The tracker is consistent between statements; a panic elsewhere must
     // not stop acks.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -283,6 +318,26 @@ impl Tracker {
     }
 }
 
+/// Moves each assigned partition that has no committed offset to the end
+/// of its log as it is now. librdkafka looks the end up only after the
+/// assignment, and what is sent before its answer comes would be skipped.
+fn start_at_end_now(consumer: &KafkaConsumer, within: Duration) -> Result<()> {
+    let timeout = Timeout::After(within.max(Duration::from_secs(1)));
+    let committed = consumer.committed(timeout).map_err(error::map)?;
+    for e in committed.elements() {
+        if matches!(e.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        let (_, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), timeout)
+            .map_err(error::map)?;
+        consumer
+            .seek(e.topic(), e.partition(), Offset::Offset(high), timeout)
+            .map_err(error::map)?;
+    }
+    Ok(())
+}
+
 /// The consumer's context: on revocation it commits the acked prefix of the
 /// revoked partitions and forgets them. Appears in the consumer's type,
 /// [`KafkaConsumer`].
@@ -291,11 +346,20 @@ pub struct KafkaContext {
     /// Raised once the revoked partitions are forgotten, so that a batch
     /// polled across a revocation, and the core's queue, can tell.
     revocations: Arc<AtomicU64>,
+    /// Set once the group has given this consumer its first assignment.
+    joined: Arc<AtomicBool>,
 }
 
 impl ClientContext for KafkaContext {}
 
 impl ConsumerContext for KafkaContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // An assignment, even of no partition, means the group has joined.
+        if let Rebalance::Assign(_) = rebalance {
+            self.joined.store(true, Ordering::Release);
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
@@ -387,6 +451,12 @@ pub struct KafkaSubscription {
     store: Arc<StoreSignal>,
     subscribed: AtomicBool,
     subscribe_lock: tokio::sync::Mutex<()>,
+    /// Set by the context once the group first assigns partitions.
+    joined: Arc<AtomicBool>,
+    /// Messages polled while [`join`](Self::join) waited, not yet handed out.
+    early: Mutex<Vec<ReceivedMessage>>,
+    /// A partition with no committed offset starts at the end of its log.
+    starts_at_end: bool,
     settings: KafkaConfig,
     key_name: Option<String>,
 }
@@ -412,14 +482,20 @@ impl KafkaSubscription {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let revocations = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Notify::new());
+        let joined = Arc::new(AtomicBool::new(false));
         let ctx = KafkaContext {
             tracker: tracker.clone(),
             revocations: revocations.clone(),
+            joined: joined.clone(),
         };
         let mut cc = settings.client_config(CONSUMER_DEFAULTS);
         if settings.get("auto.offset.reset").is_none() {
             cc.set("auto.offset.reset", reset);
         }
+        let starts_at_end = matches!(
+            cc.get("auto.offset.reset"),
+            Some("latest" | "largest" | "end")
+        );
         cc.set("group.id", group);
         let consumer: KafkaConsumer = cc.create_with_context(ctx).map_err(error::map)?;
         let topic_names: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(*t)).collect();
@@ -440,9 +516,57 @@ impl KafkaSubscription {
             store: Arc::default(),
             subscribed: AtomicBool::new(false),
             subscribe_lock: tokio::sync::Mutex::new(()),
+            joined,
+            early: Mutex::new(Vec::new()),
+            starts_at_end,
             settings: settings.clone(),
             key_name: config.key_name,
         })
+    }
+
+    /// Joins the consumer group now rather than on the first receive, and
+    /// waits up to `within` for the group to assign this consumer its
+    /// partitions (possibly none): the Go CDK's `WaitForJoin`. A new group
+    /// at [`StartOffset::Newest`] starts each partition at its end when it
+    /// is assigned, so what is sent after this returns `true` is received;
+    /// what is sent before it, while the group is still forming, may not
+    /// be. Messages that arrive meanwhile are kept for the first receive.
+    /// Returns whether the group assigned partitions in time. Fails with
+    /// `NotFound` if a topic does not exist.
+    pub async fn join(&self, within: Duration) -> Result<bool> {
+        self.ensure_subscribed().await?;
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.joined.load(Ordering::Acquire) {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            // Polling is what lets librdkafka hand over the assignment.
+            let step = (now + JOIN_POLL).min(deadline);
+            let got = self.poll_batch(JOIN_BATCH, step).await?;
+            lock(&self.early).extend(got);
+        }
+        if self.starts_at_end {
+            let consumer = self.consumer.clone();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::task::spawn_blocking(move || start_at_end_now(&consumer, left))
+                .await
+                .map_err(|e| Error::internal(format!("join task failed: {e}")))??;
+        }
+        Ok(true)
+    }
+
+    /// Messages polled by `join`, still assigned, up to `max`.
+    fn take_early(&self, max: usize) -> Vec<ReceivedMessage> {
+        let mut early = lock(&self.early);
+        if early.is_empty() {
+            return Vec::new();
+        }
+        let n = max.min(early.len());
+        let mut got: Vec<ReceivedMessage> = early.drain(..n).collect();
+        drop(early);
+        got.retain(|m| self.deliveries.is_current(&m.ack_id));
+        got
     }
 
     async fn ensure_subscribed(&self) -> Result<()> {
@@ -466,6 +590,47 @@ impl KafkaSubscription {
         ));
         self.subscribed.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Polls up to `max` messages, waiting until `deadline` for the first,
+    /// and tracks them. Cancel-safe: nothing is taken before the last await.
+    async fn poll_batch(
+        &self,
+        max: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<ReceivedMessage>> {
+        let revocations = self.revocations.load(Ordering::Acquire);
+        // One stream for the whole batch: each `recv` would register and
+        // unregister a waker.
+        let mut stream = self.consumer.stream();
+        let first = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(r) => r,
+        };
+        let first = first
+            .ok_or_else(|| Error::internal("the Kafka message stream ended"))?
+            .map_err(error::map)?;
+        let mut got = Vec::with_capacity(max.min(4096));
+        let mut bodies = Bodies::new(max);
+        self.copy_out(first, &mut bodies, &mut got);
+        // Take what has already arrived; no message is held across an
+        // await, and each is released before the next is polled.
+        while got.len() < max {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => self.copy_out(m, &mut bodies, &mut got),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "Kafka consumer error");
+                    break;
+                }
+                _ => break,
+            }
+        }
+        drop(stream);
+        if self.revocations.load(Ordering::Acquire) != revocations {
+            self.still_assigned(&mut got);
+        }
+        self.track(&mut got);
+        Ok(got)
     }
 
     fn take_redeliveries(&self, max: usize) -> Vec<ReceivedMessage> {
@@ -760,9 +925,12 @@ impl driver::Subscription for KafkaSubscription {
 
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
         self.ensure_subscribed().await?;
+        let early = self.take_early(max);
+        if !early.is_empty() {
+            return Ok(early);
+        }
         let deadline = tokio::time::Instant::now() + POLL;
         loop {
-            let revocations = self.revocations.load(Ordering::Acquire);
             let redelivered = self.take_redeliveries(max);
             if !redelivered.is_empty() {
                 return Ok(redelivered);
@@ -773,40 +941,10 @@ impl driver::Subscription for KafkaSubscription {
             if !lock(&self.tracker).redeliver.is_empty() {
                 continue;
             }
-            // One stream for the whole batch: each `recv` would register
-            // and unregister a waker.
-            let mut stream = self.consumer.stream();
-            let first = tokio::select! {
-                r = tokio::time::timeout_at(deadline, stream.next()) => match r {
-                    Err(_) => return Ok(Vec::new()),
-                    Ok(r) => r,
-                },
+            tokio::select! {
+                r = self.poll_batch(max, deadline) => return r,
                 _ = nacked => continue,
-            };
-            let first = first
-                .ok_or_else(|| Error::internal("the Kafka message stream ended"))?
-                .map_err(error::map)?;
-            let mut got = Vec::with_capacity(max.min(4096));
-            let mut bodies = Bodies::new(max);
-            self.copy_out(first, &mut bodies, &mut got);
-            // Take what has already arrived; no message is held across an
-            // await, and each is released before the next is polled.
-            while got.len() < max {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(m))) => self.copy_out(m, &mut bodies, &mut got),
-                    Some(Some(Err(e))) => {
-                        tracing::warn!(error = %e, "Kafka consumer error");
-                        break;
-                    }
-                    _ => break,
-                }
             }
-            drop(stream);
-            if self.revocations.load(Ordering::Acquire) != revocations {
-                self.still_assigned(&mut got);
-            }
-            self.track(&mut got);
-            return Ok(got);
         }
     }
 

@@ -124,6 +124,7 @@ async fn connections_cut_twice_through_a_proxy_lose_nothing() {
         SubscriptionConfig::default().with_offset(StartOffset::Oldest),
         Default::default(),
     )
+    .await
     .unwrap();
     let p = proxy.clone();
     let fault: Fault = Box::new(move |_| {

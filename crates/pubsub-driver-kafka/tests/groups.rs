@@ -1,7 +1,8 @@
 //! Consumer-group behaviour on both brokers: offsets committed only for the
 //! contiguously acked prefix survive a restart, two consumers in one group
 //! split the partitions, a rebalance drops the queued messages of revoked
-//! partitions, and one subscription reads several topics.
+//! partitions, one subscription reads several topics, and a new group at
+//! `newest` misses nothing sent after its subscription opens.
 
 mod common;
 
@@ -34,7 +35,7 @@ async fn topic_with(k: &Kafka, name: &str, partitions: i32) -> Topic {
     .unwrap()
 }
 
-fn subscription(k: &Kafka, group: &str, topic: &str) -> Subscription {
+async fn subscription(k: &Kafka, group: &str, topic: &str) -> Subscription {
     open_subscription(
         &k.settings,
         group,
@@ -42,6 +43,7 @@ fn subscription(k: &Kafka, group: &str, topic: &str) -> Subscription {
         SubscriptionConfig::default().with_offset(StartOffset::Oldest),
         SubscriptionOptions::default(),
     )
+    .await
     .unwrap()
 }
 
@@ -76,7 +78,7 @@ async fn restart_resumes_after_the_acked_prefix(k: Kafka) {
     topic.shutdown().await.unwrap();
 
     let group = format!("{name}-group");
-    let first = subscription(&k, &group, &name);
+    let first = subscription(&k, &group, &name).await;
     let mut received = Vec::with_capacity(n);
     while received.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(60), first.receive())
@@ -140,7 +142,7 @@ async fn restart_resumes_after_the_acked_prefix(k: Kafka) {
         }
     }
 
-    let second = subscription(&k, &group, &name);
+    let second = subscription(&k, &group, &name).await;
     let mut again = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !unacked.is_subset(&again) {
@@ -178,7 +180,7 @@ async fn acks_are_committed_while_open(k: Kafka) {
     let topic = topic_with(&k, &name, 3).await;
     send_all(&topic, n).await;
     topic.shutdown().await.unwrap();
-    let sub = subscription(&k, &format!("{name}-group"), &name);
+    let sub = subscription(&k, &format!("{name}-group"), &name).await;
     for _ in 0..n {
         tokio::time::timeout(Duration::from_secs(60), sub.receive())
             .await
@@ -217,8 +219,8 @@ async fn two_consumers_split_the_partitions(k: Kafka) {
     let topic = topic_with(&k, &name, 4).await;
     let group = format!("{name}-group");
     let subs = [
-        subscription(&k, &group, &name),
-        subscription(&k, &group, &name),
+        subscription(&k, &group, &name).await,
+        subscription(&k, &group, &name).await,
     ];
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
@@ -298,7 +300,7 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
     let topic = topic_with(&k, &name, 4).await;
     send_all(&topic, n).await;
     let group = format!("{name}-group");
-    let first = subscription(&k, &group, &name);
+    let first = subscription(&k, &group, &name).await;
     let mut seen = HashSet::new();
     let mut deliveries = 0;
     // Read a while, so that receive batches grow and the queue holds much
@@ -323,7 +325,7 @@ async fn a_rebalance_drops_queued_messages_of_revoked_partitions(k: Kafka) {
     }
     let queued = first.stats().queued;
 
-    let second = subscription(&k, &group, &name);
+    let second = subscription(&k, &group, &name).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let reader = {
         let second = second.clone();
@@ -422,6 +424,7 @@ async fn one_subscription_reads_two_topics(k: Kafka) {
         SubscriptionConfig::default().with_offset(StartOffset::Oldest),
         SubscriptionOptions::default(),
     )
+    .await
     .unwrap();
     let mut got: BTreeMap<String, HashSet<String>> = BTreeMap::new();
     let mut nacked = HashSet::new();
@@ -462,6 +465,57 @@ async fn one_subscription_reads_two_topics(k: Kafka) {
     sub.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A new group at `newest` gets what is sent once its subscription is
+/// open, before its first receive: opening joins the group (the Go CDK's
+/// `WaitForJoin`), so the group's start is not the end of the log as it
+/// is at some later first receive.
+async fn a_new_group_at_newest_gets_what_is_sent_after_open(k: Kafka) {
+    let name = unique("newest");
+    let topic = topic_with(&k, &name, 3).await;
+    let sub = open_subscription(
+        &k.settings,
+        &unique("newest-group"),
+        &[name.as_str()],
+        SubscriptionConfig::default(),
+        SubscriptionOptions::default(),
+    )
+    .await
+    .unwrap();
+    let n = 6;
+    for i in 0..n {
+        topic.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let mut got = HashSet::new();
+    while got.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.receive())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {n} messages sent after the open arrived",
+                    got.len()
+                )
+            })
+            .unwrap();
+        got.insert(String::from_utf8(m.body().to_vec()).unwrap());
+        m.ack();
+    }
+    sub.shutdown().await.unwrap();
+    topic.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_a_new_group_at_newest_gets_what_is_sent_after_open() {
+    a_new_group_at_newest_gets_what_is_sent_after_open(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_a_new_group_at_newest_gets_what_is_sent_after_open() {
+    a_new_group_at_newest_gets_what_is_sent_after_open(
+        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,7 @@ async fn key_name_moves_an_attribute_into_the_key_and_back() {
         oldest(),
         Default::default(),
     )
+    .await
     .unwrap();
     let m = recv(&plain).await;
     assert_eq!(m.ordering_key(), Some("u-7"), "the attribute is the key");
@@ -63,6 +64,7 @@ async fn key_name_moves_an_attribute_into_the_key_and_back() {
         oldest().with_key_name("user"),
         Default::default(),
     )
+    .await
     .unwrap();
     let m = recv(&keyed).await;
     assert_eq!(
