@@ -46,7 +46,17 @@
 //!   partition: a later message acked before an earlier one never moves the
 //!   committed offset past the earlier one. Each ack batch stores that
 //!   prefix; librdkafka commits what is stored once a second, and the
-//!   driver synchronously on close and on revocation.
+//!   driver on revocation (without waiting: the rebalance runs on the
+//!   thread polling the consumer) and synchronously on close. A commit that
+//!   fails for good (authorization, say) fails the subscription: later
+//!   receives and `shutdown` return its error, as a failed ack would;
+//!   temporary failures are logged at warn level once a run and carried by
+//!   the next commit.
+//! - One message held unacked keeps its partition's committed offset
+//!   behind it, and the deliveries acked after it wait to be committed:
+//!   past [`SubscriptionConfig::max_pending`] (50,000) of them the
+//!   partition is paused, and it resumes once half have been committed,
+//!   so the window is bounded and the other partitions keep flowing.
 //! - The consumer asks librdkafka to look again 20 ms (not its default
 //!   second) after its local queue filled up (`fetch.queue.backoff.ms`), so
 //!   a consumer that keeps up never idles waiting for the next fetch. Any
@@ -112,7 +122,7 @@ pub use config::KafkaConfig;
 pub use rdkafka;
 pub use subscription::{
     KafkaConsumer, KafkaContext, KafkaSubscription, StartOffset, SubscriptionConfig,
-    DEFAULT_WAIT_FOR_JOIN,
+    DEFAULT_MAX_PENDING, DEFAULT_WAIT_FOR_JOIN,
 };
 pub use topic::{KafkaTopic, OutgoingRecord, TopicConfig};
 

@@ -18,6 +18,7 @@ use pubsub_core::{Attributes, Error, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _, OwnedMessage};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, Timestamp, TopicPartitionList};
@@ -45,6 +46,10 @@ const STORE_AFTER: Duration = Duration::from_millis(5);
 const JOIN_POLL: Duration = Duration::from_millis(100);
 /// Most messages one poll of `join` takes.
 const JOIN_BATCH: usize = 1000;
+
+/// How many deliveries of one partition wait to be committed, by default,
+/// before it is paused: 16 bytes each.
+pub const DEFAULT_MAX_PENDING: usize = 50_000;
 
 /// How long opening a subscription at [`StartOffset::Newest`] waits for
 /// its group to join by default.
@@ -81,6 +86,12 @@ pub struct SubscriptionConfig {
     /// the Go CDK does by default (its `WaitForJoin`). Opening still
     /// succeeds if the time runs out.
     pub wait_for_join: Duration,
+    /// Most deliveries of one partition held as delivered and not yet
+    /// committed. Offsets commit only up to the first unacked message, so
+    /// one message held long keeps everything acked behind it: past this
+    /// many, the partition is paused (the rest keep flowing) until half are
+    /// committed. Default: [`DEFAULT_MAX_PENDING`].
+    pub max_pending: usize,
 }
 
 impl Default for SubscriptionConfig {
@@ -89,6 +100,7 @@ impl Default for SubscriptionConfig {
             offset: StartOffset::default(),
             key_name: None,
             wait_for_join: DEFAULT_WAIT_FOR_JOIN,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 }
@@ -103,6 +115,13 @@ impl SubscriptionConfig {
     /// Sets where a new group starts.
     pub fn with_offset(mut self, offset: StartOffset) -> Self {
         self.offset = offset;
+        self
+    }
+
+    /// Sets how many deliveries of one partition may wait to be committed
+    /// before the partition is paused (at least 1).
+    pub fn with_max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
         self
     }
 
@@ -145,6 +164,8 @@ struct Part {
     high: i64,
     /// The last offset committed (the next one to read).
     committed: i64,
+    /// Paused for having `max_pending` deliveries waiting to be committed.
+    paused: bool,
 }
 
 impl Part {
@@ -235,7 +256,6 @@ fn described((millis, packed): (i64, i64)) -> (Timestamp, usize, i32) {
     )
 }
 
-#[derive(Default)]
 struct Tracker {
     /// Ordered by epoch, which only grows, so acks find their partition by
     /// binary search without hashing.
@@ -248,6 +268,8 @@ struct Tracker {
     /// Acks settled at once moved some partition's acked prefix since the
     /// offsets were last stored.
     store_due: bool,
+    /// [`SubscriptionConfig::max_pending`].
+    max_pending: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -276,12 +298,40 @@ impl Tracker {
                     pending: VecDeque::new(),
                     high: 0,
                     committed: -1,
+                    paused: false,
                 });
                 self.parts.len() - 1
             }
         };
         self.last = i;
         i
+    }
+
+    fn new(max_pending: usize) -> Self {
+        Tracker {
+            parts: Vec::new(),
+            last: 0,
+            redeliver: VecDeque::new(),
+            next_epoch: 0,
+            store_due: false,
+            max_pending: max_pending.max(1),
+        }
+    }
+
+    /// The paused partitions among these whose waiting deliveries are down
+    /// to half the limit, marked unpaused, to resume.
+    fn drained(&mut self, indices: impl Iterator<Item = usize>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        let low = self.max_pending / 2;
+        for i in indices {
+            if let Some(part) = self.parts.get_mut(i) {
+                if part.paused && part.pending.len() <= low {
+                    part.paused = false;
+                    tpl.add_partition(&part.topic, part.partition);
+                }
+            }
+        }
+        tpl
     }
 
     fn by_epoch(&self, epoch: u64) -> Option<usize> {
@@ -318,12 +368,33 @@ impl Tracker {
     }
 }
 
-/// Moves each assigned partition that has no committed offset to the end
-/// of its log as it is now. librdkafka looks the end up only after the
-/// assignment, and what is sent before its answer comes would be skipped.
-fn start_at_end_now(consumer: &KafkaConsumer, within: Duration) -> Result<()> {
+/// Commits, for each partition of `topics` that has no committed offset in
+/// the consumer's group, the end of its log as it is now, before the
+/// consumer joins: the group then starts there. Left to librdkafka, the
+/// end is looked up only after the group assigns the partition, and again
+/// at every assignment until something is committed, and what is sent
+/// meanwhile is skipped.
+fn commit_ends_of_new_partitions(
+    consumer: &KafkaConsumer,
+    topics: &[String],
+    within: Duration,
+) -> Result<()> {
     let timeout = Timeout::After(within.max(Duration::from_secs(1)));
-    let committed = consumer.committed(timeout).map_err(error::map)?;
+    let mut all = TopicPartitionList::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(error::map)?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                all.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(all, timeout)
+        .map_err(error::map)?;
+    let mut starts = TopicPartitionList::new();
     for e in committed.elements() {
         if matches!(e.offset(), Offset::Offset(_)) {
             continue;
@@ -331,8 +402,13 @@ fn start_at_end_now(consumer: &KafkaConsumer, within: Duration) -> Result<()> {
         let (_, high) = consumer
             .fetch_watermarks(e.topic(), e.partition(), timeout)
             .map_err(error::map)?;
+        starts
+            .add_partition_offset(e.topic(), e.partition(), Offset::Offset(high))
+            .map_err(error::map)?;
+    }
+    if starts.count() > 0 {
         consumer
-            .seek(e.topic(), e.partition(), Offset::Offset(high), timeout)
+            .commit(&starts, CommitMode::Sync)
             .map_err(error::map)?;
     }
     Ok(())
@@ -348,11 +424,57 @@ pub struct KafkaContext {
     revocations: Arc<AtomicU64>,
     /// Set once the group has given this consumer its first assignment.
     joined: Arc<AtomicBool>,
+    /// How the commits that acks turn into went.
+    commits: Arc<Commits>,
+}
+
+/// The outcome of the consumer's commits (librdkafka's automatic ones, and
+/// those on revocation), which acks settled locally never see: a permanent
+/// failure fails the subscription's receives, as a failed ack batch would;
+/// temporary ones are logged once a run, since the next commit carries the
+/// same offsets.
+#[derive(Default)]
+struct Commits {
+    failed: Mutex<Option<Error>>,
+    failing: AtomicBool,
+}
+
+impl Commits {
+    fn outcome(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("Kafka offset commits succeed again");
+                }
+            }
+            // An automatic commit with nothing new stored.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                let e = error::map(e).with_context("operation", "commit");
+                if e.is_temporary() {
+                    if !self.failing.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(error = %e, partitions = offsets.count(), "Kafka offset commit failed; it is retried with the next commit");
+                    }
+                } else {
+                    tracing::error!(error = %e, partitions = offsets.count(), "Kafka offset commit failed for good; the subscription is now failed");
+                    lock(&self.failed).get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    fn failure(&self) -> Option<Error> {
+        lock(&self.failed).clone()
+    }
 }
 
 impl ClientContext for KafkaContext {}
 
 impl ConsumerContext for KafkaContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.commits.outcome(result, offsets);
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // An assignment, even of no partition, means the group has joined.
         if let Rebalance::Assign(_) = rebalance {
@@ -364,7 +486,7 @@ impl ConsumerContext for KafkaContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        let tpl = {
+        let (tpl, paused) = {
             let mut t = lock(&self.tracker);
             let gone: Vec<usize> = (0..t.parts.len())
                 .filter(|&i| {
@@ -373,6 +495,14 @@ impl ConsumerContext for KafkaContext {
                 })
                 .collect();
             let tpl = t.positions(gone.iter().copied());
+            // A paused partition stays paused in librdkafka across a later
+            // assignment, where nothing would resume it.
+            let mut paused = TopicPartitionList::new();
+            for &i in &gone {
+                if t.parts[i].paused {
+                    paused.add_partition(&t.parts[i].topic, t.parts[i].partition);
+                }
+            }
             let epochs: Vec<u64> = gone.iter().map(|&i| t.parts[i].epoch).collect();
             t.parts.retain(|p| !epochs.contains(&p.epoch));
             t.last = 0;
@@ -381,14 +511,21 @@ impl ConsumerContext for KafkaContext {
             // Under the lock: whoever sees the new count finds the
             // partitions gone.
             self.revocations.fetch_add(1, Ordering::AcqRel);
-            tpl
+            (tpl, paused)
         };
+        if paused.count() > 0 {
+            let _ = consumer.resume(&paused);
+        }
         if tpl.count() > 0 && !consumer.assignment_lost() {
             // Stored too: librdkafka commits the stored offsets of revoked
             // partitions by itself next, and a stored offset behind this
-            // commit would take the group's position back.
+            // commit would take the group's position back. Sent without
+            // waiting: this runs on the thread polling the consumer (a
+            // runtime worker), and the coordinator takes the commit before
+            // the rejoin that follows on the same connection. Its outcome
+            // comes to `commit_callback`.
             store(consumer, &tpl);
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                 tracing::warn!(error = %e, "commit on partition revocation failed; acked messages may be redelivered to the new owner");
             }
         }
@@ -453,6 +590,8 @@ pub struct KafkaSubscription {
     subscribe_lock: tokio::sync::Mutex<()>,
     /// Set by the context once the group first assigns partitions.
     joined: Arc<AtomicBool>,
+    /// What the context learnt of the consumer's commits.
+    commits: Arc<Commits>,
     /// Messages polled while [`join`](Self::join) waited, not yet handed out.
     early: Mutex<Vec<ReceivedMessage>>,
     /// A partition with no committed offset starts at the end of its log.
@@ -479,14 +618,16 @@ impl KafkaSubscription {
             StartOffset::Oldest => "earliest",
             StartOffset::Newest => "latest",
         };
-        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let tracker = Arc::new(Mutex::new(Tracker::new(config.max_pending)));
         let revocations = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Notify::new());
         let joined = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(Commits::default());
         let ctx = KafkaContext {
             tracker: tracker.clone(),
             revocations: revocations.clone(),
             joined: joined.clone(),
+            commits: commits.clone(),
         };
         let mut cc = settings.client_config(CONSUMER_DEFAULTS);
         if settings.get("auto.offset.reset").is_none() {
@@ -517,6 +658,7 @@ impl KafkaSubscription {
             subscribed: AtomicBool::new(false),
             subscribe_lock: tokio::sync::Mutex::new(()),
             joined,
+            commits,
             early: Mutex::new(Vec::new()),
             starts_at_end,
             settings: settings.clone(),
@@ -526,16 +668,35 @@ impl KafkaSubscription {
 
     /// Joins the consumer group now rather than on the first receive, and
     /// waits up to `within` for the group to assign this consumer its
-    /// partitions (possibly none): the Go CDK's `WaitForJoin`. A new group
-    /// at [`StartOffset::Newest`] starts each partition at its end when it
-    /// is assigned, so what is sent after this returns `true` is received;
-    /// what is sent before it, while the group is still forming, may not
-    /// be. Messages that arrive meanwhile are kept for the first receive.
+    /// partitions (possibly none): the Go CDK's `WaitForJoin`. At
+    /// [`StartOffset::Newest`], each partition the group has no committed
+    /// offset for first gets the end of its log as it is now committed as
+    /// the group's start, so that what is sent once this returns is
+    /// received, whichever member the partition goes to and however often
+    /// the group rebalances before the first ack. Messages that arrive
+    /// meanwhile are kept for the first receive.
     /// Returns whether the group assigned partitions in time. Fails with
     /// `NotFound` if a topic does not exist.
     pub async fn join(&self, within: Duration) -> Result<bool> {
-        self.ensure_subscribed().await?;
         let deadline = tokio::time::Instant::now() + within;
+        if self.starts_at_end && !self.subscribed.load(Ordering::Acquire) {
+            for topic in &self.topics {
+                let c = self.consumer.clone();
+                topic_exists(move |t| c.fetch_metadata(None, t), topic.clone()).await?;
+            }
+            let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
+            let fixed = tokio::task::spawn_blocking(move || {
+                commit_ends_of_new_partitions(&consumer, &topics, within)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("join task failed: {e}")))?;
+            if let Err(e) = fixed {
+                // The group's start is then librdkafka's own lookup of the
+                // end, as without joining first.
+                tracing::warn!(error = %e, "could not commit the new group's start at the end of each partition");
+            }
+        }
+        self.ensure_subscribed().await?;
         while !self.joined.load(Ordering::Acquire) {
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -545,13 +706,6 @@ impl KafkaSubscription {
             let step = (now + JOIN_POLL).min(deadline);
             let got = self.poll_batch(JOIN_BATCH, step).await?;
             lock(&self.early).extend(got);
-        }
-        if self.starts_at_end {
-            let consumer = self.consumer.clone();
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            tokio::task::spawn_blocking(move || start_at_end_now(&consumer, left))
-                .await
-                .map_err(|e| Error::internal(format!("join task failed: {e}")))??;
         }
         Ok(true)
     }
@@ -729,6 +883,8 @@ impl KafkaSubscription {
     /// ack id with the partition's epoch.
     fn track(&self, got: &mut [ReceivedMessage]) {
         let mut t = lock(&self.tracker);
+        let max = t.max_pending;
+        let mut full = TopicPartitionList::new();
         for m in got {
             let (_, topic, partition) = described(m.lazy.unwrap_or_default());
             let offset = m.ack_id.as_u64_pair().map_or(0, |(_, o)| o as i64);
@@ -736,6 +892,19 @@ impl KafkaSubscription {
             let part = &mut t.parts[i];
             part.record(offset);
             m.ack_id = AckId::from_u64_pair(part.epoch, offset as u64);
+            if !part.paused && part.pending.len() >= max {
+                part.paused = true;
+                full.add_partition(&part.topic, part.partition);
+            }
+        }
+        drop(t);
+        if full.count() > 0 {
+            // librdkafka drops what it fetched of a paused partition and
+            // reads on from the last message handed out when it resumes.
+            tracing::debug!(partitions = ?full, "pausing partitions with {max} deliveries waiting to be committed");
+            if let Err(e) = self.consumer.pause(&full) {
+                tracing::warn!(error = %e, "pausing a partition failed");
+            }
         }
     }
 
@@ -812,9 +981,17 @@ async fn store_acked(
         // Acks from here on wake this task again.
         t.store_due = false;
         let all = 0..t.parts.len();
-        let tpl = t.positions(all);
+        let tpl = t.positions(all.clone());
         // Under the lock, so stores land in the order they were computed.
         store(&*consumer, &tpl);
+        let drained = t.drained(all);
+        drop(t);
+        if drained.count() > 0 {
+            tracing::debug!(partitions = ?drained, "resuming partitions");
+            if let Err(e) = consumer.resume(&drained) {
+                tracing::warn!(error = %e, "resuming a partition failed");
+            }
+        }
     }
 }
 
@@ -924,6 +1101,9 @@ impl driver::Subscription for KafkaSubscription {
     }
 
     async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        if let Some(e) = self.commits.failure() {
+            return Err(e);
+        }
         self.ensure_subscribed().await?;
         let early = self.take_early(max);
         if !early.is_empty() {
@@ -1045,7 +1225,10 @@ impl driver::Subscription for KafkaSubscription {
         {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
         }
-        committed
+        committed?;
+        // A commit that failed for good earlier is this subscription's
+        // failure, as a failed ack batch would be.
+        self.commits.failure().map_or(Ok(()), Err)
     }
 
     fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {

@@ -1,18 +1,21 @@
 //! Consumer-group behaviour on both brokers: offsets committed only for the
 //! contiguously acked prefix survive a restart, two consumers in one group
 //! split the partitions, a rebalance drops the queued messages of revoked
-//! partitions, one subscription reads several topics, and a new group at
-//! `newest` misses nothing sent after its subscription opens.
+//! partitions, one subscription reads several topics, a new group at
+//! `newest` misses nothing sent after its subscription opens, one held
+//! message pauses its partition at the pending limit, and a commit refused
+//! for good fails the subscription.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::Kafka;
-use pubsub_core::{Message, Subscription, SubscriptionOptions, Topic, TopicOptions};
+use common::{Broker, Kafka};
+use pubsub_core::{ErrorKind, Message, Subscription, SubscriptionOptions, Topic, TopicOptions};
 use pubsub_driver_kafka::rdkafka::consumer::Consumer;
 use pubsub_driver_kafka::rdkafka::message::OwnedMessage;
+use pubsub_driver_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use pubsub_driver_kafka::rdkafka::Message as _;
 use pubsub_driver_kafka::{
     open_subscription, open_topic, KafkaConsumer, StartOffset, SubscriptionConfig, TopicConfig,
@@ -516,6 +519,107 @@ async fn tansu_a_new_group_at_newest_gets_what_is_sent_after_open() {
         Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
     )
     .await;
+}
+
+/// One message held unacked while the rest are acked pauses its partition
+/// once `max_pending` deliveries wait to be committed behind it; acking it
+/// resumes the partition, and everything arrives.
+async fn a_held_message_pauses_its_partition_at_the_pending_limit(k: Kafka) {
+    let name = unique("pending");
+    let topic = topic_with(&k, &name, 1).await;
+    let (n, limit, batch) = (3000, 200, 50);
+    send_all(&topic, n).await;
+    let sub = open_subscription(
+        &k.settings,
+        &unique("pending-group"),
+        &[name.as_str()],
+        SubscriptionConfig::default()
+            .with_offset(StartOffset::Oldest)
+            .with_max_pending(limit),
+        SubscriptionOptions::default().with_max_receive_batch(batch),
+    )
+    .await
+    .unwrap();
+    let wait = Duration::from_secs(30);
+    let held = tokio::time::timeout(wait, sub.receive())
+        .await
+        .expect("a first message")
+        .unwrap();
+    let mut seen = 1;
+    // Everything flows until the partition pauses; then nothing comes.
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(5), sub.receive()).await {
+        m.unwrap().ack();
+        seen += 1;
+        assert!(seen < n, "all {n} messages came while the first was held");
+    }
+    assert!(
+        (limit..=limit + 2 * batch).contains(&seen),
+        "{seen} messages handed out while one was held; the limit is {limit} waiting, fetched {batch} at a time"
+    );
+    held.ack();
+    while seen < n {
+        tokio::time::timeout(wait, sub.receive())
+            .await
+            .unwrap_or_else(|_| panic!("only {seen} of {n} arrived after the held one was acked"))
+            .unwrap()
+            .ack();
+        seen += 1;
+    }
+    sub.shutdown().await.unwrap();
+    topic.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_a_held_message_pauses_its_partition_at_the_pending_limit() {
+    a_held_message_pauses_its_partition_at_the_pending_limit(Kafka::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_a_held_message_pauses_its_partition_at_the_pending_limit() {
+    a_held_message_pauses_its_partition_at_the_pending_limit(
+        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await;
+}
+
+/// A commit the broker refuses for good (here: not authorized for the
+/// group) fails the subscription as a failed ack would: its receives and
+/// its shutdown report it, instead of acks that silently never commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_a_commit_refused_for_good_fails_the_subscription() {
+    let k = Kafka::mock();
+    let name = unique("refused");
+    let topic = topic_with(&k, &name, 1).await;
+    send_all(&topic, 10).await;
+    let Broker::Mock(mock) = &k.broker else {
+        unreachable!("a mock cluster");
+    };
+    mock.with(|c| {
+        c.request_errors(
+            RDKafkaApiKey::OffsetCommit,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 20],
+        )
+    });
+    let sub = subscription(&k, &unique("refused-group"), &name).await;
+    let failed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match sub.receive().await {
+                Ok(m) => m.ack(),
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("the refused commit fails the subscription's receives");
+    assert_eq!(failed.kind(), ErrorKind::PermissionDenied, "{failed}");
+    assert_eq!(failed.context("operation"), Some("commit"), "{failed}");
+    let e = sub.shutdown().await.unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::PermissionDenied,
+        "shutdown reports it too: {e}"
+    );
+    topic.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use pubsub_driver_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, T
 use pubsub_driver_kafka::rdkafka::client::DefaultClientContext;
 use pubsub_driver_kafka::rdkafka::message::OwnedMessage;
 use pubsub_driver_kafka::rdkafka::mocking::MockCluster;
-use pubsub_driver_kafka::rdkafka::producer::FutureProducer;
+use pubsub_driver_kafka::rdkafka::producer::{DefaultProducerContext, FutureProducer};
 use pubsub_driver_kafka::{
     KafkaConfig, KafkaConsumer, KafkaSubscription, KafkaTopic, OutgoingRecord, StartOffset,
     SubscriptionConfig, TopicConfig,
@@ -22,31 +22,27 @@ use pubsub_driver_kafka::{
 
 pub const PARTITIONS: i32 = 3;
 
-/// Create `topic` with `partitions`, and say how it went.
-type CreateTopic = (String, i32, mpsc::Sender<std::result::Result<(), String>>);
+/// Something to do with the cluster on its thread.
+type Command = Box<dyn FnOnce(&MockCluster<'static, DefaultProducerContext>) + Send>;
 
 /// librdkafka's in-process mock cluster, owned by a thread of its own (the
 /// cluster handle cannot move between threads); dropped with this value.
 pub struct MockBroker {
     pub bootstrap: String,
-    commands: Mutex<mpsc::Sender<CreateTopic>>,
+    commands: Mutex<mpsc::Sender<Command>>,
 }
 
 impl MockBroker {
     pub fn start() -> MockBroker {
-        let (tx, rx) =
-            mpsc::channel::<(String, i32, mpsc::Sender<std::result::Result<(), String>>)>();
+        let (tx, rx) = mpsc::channel::<Command>();
         let (boot_tx, boot_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let cluster = MockCluster::new(1).expect("mock cluster");
             boot_tx
                 .send(cluster.bootstrap_servers())
                 .expect("bootstrap");
-            for (topic, partitions, reply) in rx {
-                let r = cluster
-                    .create_topic(&topic, partitions, 1)
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(r);
+            for command in rx {
+                command(&cluster);
             }
         });
         MockBroker {
@@ -55,16 +51,29 @@ impl MockBroker {
         }
     }
 
-    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+    /// Runs `f` on the cluster and returns what it gives.
+    pub fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&MockCluster<'static, DefaultProducerContext>) -> T + Send + 'static,
+    ) -> T {
         let (tx, rx) = mpsc::channel();
         self.commands
             .lock()
             .unwrap()
-            .send((name.to_owned(), partitions, tx))
+            .send(Box::new(move |c| {
+                let _ = tx.send(f(c));
+            }))
             .expect("mock thread alive");
-        rx.recv()
-            .expect("mock reply")
-            .map_err(|e| Error::new(ErrorKind::Unknown, e))
+        rx.recv().expect("mock reply")
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.create_topic(&name, partitions, 1)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| Error::new(ErrorKind::Unknown, e))
     }
 }
 
