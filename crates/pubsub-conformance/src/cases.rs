@@ -96,6 +96,28 @@ pub async fn recv(sub: &Subscription, within: Duration) -> Message {
     }
 }
 
+/// Asserts that no message arrives within `within`, and then that the
+/// subscription still delivers: a sentinel sent afterwards is the next
+/// message. Without the sentinel a dead subscription would pass, and a
+/// short wait alone proves little.
+async fn expect_only_sentinel(topic: &Topic, sub: &Subscription, within: Duration) {
+    if !within.is_zero() {
+        expect_nothing(sub, within).await;
+    }
+    let sentinel = format!("sentinel-{:08x}", fastrand::u32(..));
+    topic
+        .send(Message::new(sentinel.clone()))
+        .await
+        .expect("send the sentinel");
+    let m = recv(sub, ARRIVAL).await;
+    assert_eq!(
+        m.body().as_ref(),
+        sentinel.as_bytes(),
+        "a message arrived where none should have"
+    );
+    m.ack();
+}
+
 /// Asserts no message arrives within `within`; nacks nothing.
 async fn expect_nothing(sub: &Subscription, within: Duration) {
     if let Ok(r) = tokio::time::timeout(within, sub.receive()).await {
@@ -185,7 +207,7 @@ pub async fn empty_body_with_attributes(h: &impl Harness) {
             "the refused message was not sent"
         );
         m.ack();
-        expect_nothing(&f.sub, Duration::from_millis(300)).await;
+        expect_only_sentinel(&f.topic, &f.sub, Duration::ZERO).await;
         finish(f).await;
         return;
     }
@@ -282,7 +304,7 @@ pub async fn invalid_attributes_rejected(h: &impl Harness) {
     let m = recv(&f.sub, ARRIVAL).await;
     assert_eq!(m.body().as_ref(), b"valid");
     m.ack();
-    expect_nothing(&f.sub, Duration::from_millis(300)).await;
+    expect_only_sentinel(&f.topic, &f.sub, Duration::ZERO).await;
     finish(f).await;
 }
 
@@ -493,7 +515,25 @@ pub async fn cancelled_send_is_withdrawn(h: &impl Harness) {
         got,
         HashSet::from(["kept-1".to_owned(), "kept-2".to_owned()])
     );
-    expect_nothing(&f.sub, Duration::from_secs(1)).await;
+    // The withdrawn message never went: the next two to arrive are two
+    // sent after it (two, since one alone would wait for company).
+    let (a, b) = tokio::join!(
+        f.topic.send(Message::new("after-1")),
+        f.topic.send(Message::new("after-2"))
+    );
+    a.expect("send");
+    b.expect("send");
+    let mut after = HashSet::new();
+    for _ in 0..2 {
+        let m = recv(&f.sub, ARRIVAL).await;
+        after.insert(String::from_utf8(m.body().to_vec()).unwrap());
+        m.ack();
+    }
+    assert_eq!(
+        after,
+        HashSet::from(["after-1".to_owned(), "after-2".to_owned()]),
+        "the withdrawn message arrived"
+    );
     finish(f).await;
 }
 
@@ -506,6 +546,51 @@ pub async fn cancelled_receive_loses_nothing(h: &impl Harness) {
     let m = recv(&f.sub, ARRIVAL).await;
     assert_eq!(m.body().as_ref(), b"after");
     m.ack();
+    // On a busy subscription, receives polled once and dropped while they
+    // wait (for a fetch under way, for the queue) take nothing with them.
+    let n = 50;
+    let topic = f.topic.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            topic
+                .send(Message::new(format!("busy{i}")))
+                .await
+                .expect("send");
+            if i % 5 == 4 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    let mut cancelled = 0;
+    while seen.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got {} of {n} with receives cancelled",
+            seen.len()
+        );
+        // A zero timeout polls the receive once, then drops it if pending.
+        match tokio::time::timeout(Duration::ZERO, f.sub.receive()).await {
+            Ok(r) => {
+                let m = r.expect("receive");
+                seen.insert(m.body().clone());
+                m.ack();
+            }
+            Err(_) => {
+                cancelled += 1;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    sender.await.expect("sender");
+    let stats = f.sub.stats();
+    assert!(cancelled > 0, "no receive was cancelled: {stats:?}");
+    assert_eq!(
+        (stats.dropped_unsettled, stats.nacked),
+        (0, 0),
+        "a cancelled receive dropped messages it had taken: {stats:?}"
+    );
     finish(f).await;
 }
 
@@ -636,7 +721,7 @@ pub async fn shutdown_flushes_acks(h: &impl Harness) {
     }
     f.sub.shutdown().await.expect("shutdown flushes acks");
     let again = open_sub(h.open_subscription(&f.sub_name).await.expect("reopen"));
-    expect_nothing(&again, h.short_ack_deadline() * 2).await;
+    expect_only_sentinel(&f.topic, &again, h.short_ack_deadline() * 2).await;
     again.shutdown().await.expect("shutdown");
     f.topic.shutdown().await.expect("topic shutdown");
 }
@@ -961,7 +1046,7 @@ pub async fn held_message_lease_is_kept(h: &impl Harness) {
     .await;
     f.topic.send(Message::new("held")).await.expect("send");
     let held = recv(&f.sub, ARRIVAL).await;
-    expect_nothing(&f.sub, h.short_ack_deadline() * 3).await;
+    expect_only_sentinel(&f.topic, &f.sub, h.short_ack_deadline() * 3).await;
     held.ack();
     finish(f).await;
 }
@@ -981,7 +1066,7 @@ pub async fn explicit_lease_extension(h: &impl Harness) {
     held.extend_lease(h.short_ack_deadline() * 4)
         .await
         .expect("extend");
-    expect_nothing(&f.sub, h.short_ack_deadline() * 2).await;
+    expect_only_sentinel(&f.topic, &f.sub, h.short_ack_deadline() * 2).await;
     held.ack();
     finish(f).await;
 }
@@ -1003,21 +1088,47 @@ pub async fn oversized_message_rejected(h: &impl Harness) {
     finish(f).await;
 }
 
-/// Messages with one ordering key arrive in the order they were sent.
+/// Messages of each ordering key arrive in the order they were sent, with
+/// several keys sent by concurrent senders.
 pub async fn ordering_key_keeps_order(h: &impl Harness) {
     let f = simple(h, "ordering").await;
-    let n = 100;
-    for i in 0..n {
-        f.topic
-            .send(Message::new(format!("{i}")).with_ordering_key("k"))
-            .await
-            .expect("send");
+    // Four senders at once, each alternating between two keys of its own,
+    // so batches carry several keys and keys interleave on the wire.
+    let (senders, per_key) = (4, 25);
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let topic = f.topic.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_key {
+                for k in [2 * s, 2 * s + 1] {
+                    topic
+                        .send(Message::new(format!("{k}:{i}")).with_ordering_key(format!("k{k}")))
+                        .await
+                        .expect("send");
+                }
+            }
+        }));
     }
-    for i in 0..n {
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let total = senders * 2 * per_key;
+    let mut next: HashMap<String, usize> = HashMap::new();
+    for _ in 0..total {
         let m = recv(&f.sub, ARRIVAL).await;
-        assert_eq!(m.body().as_ref(), format!("{i}").as_bytes());
-        assert_eq!(m.ordering_key(), Some("k"));
+        let body = String::from_utf8(m.body().to_vec()).expect("utf-8");
+        let (k, i) = body.split_once(':').expect("key:index");
+        let key = format!("k{k}");
+        assert_eq!(m.ordering_key(), Some(key.as_str()));
+        let want = next.entry(key.clone()).or_default();
+        assert_eq!(
+            i.parse::<usize>().expect("index"),
+            *want,
+            "key {key}: message {body} out of order"
+        );
+        *want += 1;
         m.ack();
     }
+    assert!(next.values().all(|&n| n == per_key), "{next:?}");
     finish(f).await;
 }

@@ -283,7 +283,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_permanent_ack_failure_fails_the_subscription_loudly() {
         let sub = Subscription::new(AcksFail);
         sub.receive().await.unwrap().ack();
@@ -343,7 +343,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn nacks_the_backend_cannot_make_are_not_counted_as_nacked() {
         let sub = Subscription::new(CannotNack);
         sub.receive().await.unwrap().nack();
@@ -437,7 +437,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn nacks_settled_at_once_hand_back_each_message_as_delivered() {
         let d = Arc::new(AcksAtOnce {
             extra: 1,
@@ -488,7 +488,7 @@ mod tests {
         sub.shutdown().await.unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn local_settlements_skip_the_batchers_and_release_their_leases() {
         let d = Arc::new(AcksAtOnce::default());
         let sub = Subscription::with_options(d.clone(), at_once());
@@ -597,7 +597,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_driver_that_never_waits_is_not_asked_in_a_spin() {
         let d = Arc::new(NeverWaits::default());
         let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
@@ -664,7 +664,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn lazy_details_are_built_once_and_only_when_asked() {
         let d = Arc::new(Lazy::default());
         let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());
@@ -764,7 +764,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn messages_the_driver_took_back_are_never_handed_out() {
         let d = Arc::new(TakesBack::default());
         let sub = Subscription::with_options(d.clone(), SubscriptionOptions::default());

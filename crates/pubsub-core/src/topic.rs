@@ -295,7 +295,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn every_attempt_at_a_message_carries_its_one_id() {
         let driver = Arc::new(Flaky::default());
         let topic = Topic::with_options(

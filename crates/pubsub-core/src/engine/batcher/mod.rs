@@ -536,7 +536,7 @@ mod tests {
         b.shutdown().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn lone_item_leaves_at_once_and_batches_form_while_busy() {
         let rec = Arc::new(Recorder {
             delay: Duration::from_millis(20),
@@ -556,7 +556,7 @@ mod tests {
         assert_eq!(batches[1].len(), 50);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn respects_max_size_bytes_and_min_size() {
         let rec = Arc::new(Recorder::default());
         let limits = BatchLimits {
@@ -587,7 +587,7 @@ mod tests {
         assert_eq!(batches.concat(), (1..=7).collect::<Vec<_>>());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn lone_sends_run_inline_and_a_dropped_one_frees_its_slot() {
         let rec = Arc::new(Recorder {
             delay: Duration::from_millis(50),
@@ -612,7 +612,7 @@ mod tests {
         assert_eq!(batches.concat(), vec![2, 3, 4]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn withdrawn_items_do_not_count_toward_the_minimum() {
         let rec = Arc::new(Recorder::default());
         let limits = BatchLimits {
@@ -633,7 +633,7 @@ mod tests {
         assert_eq!(*rec.batches.lock().unwrap(), vec![vec![2, 3]]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_panicking_handler_gives_its_slot_back() {
         struct Panics(AtomicUsize);
         impl BatchHandler<u32> for Panics {
@@ -677,7 +677,7 @@ mod tests {
 
     /// Whole-queue takes (no byte limit) still split what waits at the
     /// maximum, in order, and reuse the emptied buffer.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn whole_queue_takes_respect_the_maximum_and_the_order() {
         let rec = Arc::new(Recorder {
             delay: Duration::from_millis(5),
@@ -702,7 +702,7 @@ mod tests {
 
     /// With a linger, a trickle of items waits for company and goes in one
     /// call; a full batch does not wait; shutdown cuts a linger short.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn linger_gathers_a_trickle_but_not_a_full_batch_or_a_shutdown() {
         let rec = Arc::new(Recorder::default());
         let limits = BatchLimits::new(100, 1).with_linger(Duration::from_millis(300));
@@ -725,7 +725,7 @@ mod tests {
 
         b.add_detached(7, 0).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         b.shutdown().await;
         assert!(
             started.elapsed() < Duration::from_millis(200),
@@ -736,12 +736,12 @@ mod tests {
     }
 
     /// A lone awaited send waits out the linger too, with whatever joins it.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn linger_holds_a_lone_send_for_company() {
         let rec = Arc::new(Recorder::default());
         let limits = BatchLimits::new(100, 4).with_linger(Duration::from_millis(200));
         let b = Arc::new(Batcher::new(limits, fast_retry(), rec.clone()));
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let first = tokio::spawn({
             let b = b.clone();
             async move { b.send(1, 0).await }
@@ -753,7 +753,7 @@ mod tests {
         assert_eq!(*rec.batches.lock().unwrap(), vec![vec![1, 2]]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn withdrawn_items_are_never_sent() {
         let rec = Arc::new(Recorder {
             delay: Duration::from_millis(20),
@@ -770,7 +770,7 @@ mod tests {
         assert_eq!(rec.batches.lock().unwrap().concat(), vec![0, 2]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn temporary_failures_are_retried_permanent_ones_reported() {
         let rec = Arc::new(Recorder {
             fail_first: AtomicUsize::new(2),
@@ -789,7 +789,7 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn partial_failures_retry_only_failed_items() {
         struct FailOnce {
             seen: Mutex<Vec<Vec<u32>>>,
