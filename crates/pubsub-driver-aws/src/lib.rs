@@ -77,7 +77,8 @@
 //!   after later messages of its group. On standard queues and topics the
 //!   ordering key is not sent.
 //! - Receiving is ReceiveMessage with long polling ([`DEFAULT_WAIT_TIME`]),
-//!   up to ten a call and several calls at once for bigger batches. Ack is
+//!   up to ten a call and several calls at once for bigger batches
+//!   ([`SubscriptionConfig::receive_concurrency`], 16). Ack is
 //!   DeleteMessageBatch; nack ChangeMessageVisibilityBatch to the delay
 //!   the core's [`NackBackoff`](pubsub_core::NackBackoff) gives it (whole
 //!   seconds, rounded up; so SQS keeps the message invisible, not the
@@ -154,8 +155,8 @@ pub use aws_sdk_sns;
 pub use aws_sdk_sqs;
 pub use encode::BodyEncoding;
 pub use subscription::{
-    AwsSubscription, SubscriptionConfig, DEFAULT_VISIBILITY_TIMEOUT, DEFAULT_WAIT_TIME,
-    MAX_RECEIVE, MAX_VISIBILITY_TIMEOUT,
+    AwsSubscription, SubscriptionConfig, DEFAULT_RECEIVE_CONCURRENCY, DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_WAIT_TIME, MAX_RECEIVE, MAX_VISIBILITY_TIMEOUT,
 };
 pub use topic::{
     AwsTopic, Deduplication, TopicConfig, DEDUPLICATION_ATTRIBUTE, GROUP_ATTRIBUTE,

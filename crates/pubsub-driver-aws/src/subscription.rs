@@ -66,7 +66,14 @@ pub struct SubscriptionConfig {
     /// The queue's visibility timeout, the ack deadline the core's lease
     /// keeper works to; `None` reads it from the queue at open.
     pub visibility_timeout: Option<Duration>,
+    /// Most ReceiveMessage calls in flight at once (at least 1; default
+    /// [`DEFAULT_RECEIVE_CONCURRENCY`]): the core asks for more at once when
+    /// the application keeps up and the batches come back full.
+    pub receive_concurrency: usize,
 }
+
+/// How many ReceiveMessage calls a subscription makes at once by default.
+pub const DEFAULT_RECEIVE_CONCURRENCY: usize = 16;
 
 impl Default for SubscriptionConfig {
     fn default() -> Self {
@@ -77,6 +84,7 @@ impl Default for SubscriptionConfig {
             nack_delay: Duration::ZERO,
             wait_time: DEFAULT_WAIT_TIME,
             visibility_timeout: None,
+            receive_concurrency: DEFAULT_RECEIVE_CONCURRENCY,
         }
     }
 }
@@ -109,6 +117,12 @@ impl SubscriptionConfig {
     /// Sets the receive wait time (at most 20 s).
     pub fn with_wait_time(mut self, wait: Duration) -> Self {
         self.wait_time = wait;
+        self
+    }
+
+    /// Sets how many ReceiveMessage calls may be in flight at once.
+    pub fn with_receive_concurrency(mut self, n: usize) -> Self {
+        self.receive_concurrency = n.max(1);
         self
     }
 
@@ -417,7 +431,7 @@ impl driver::Subscription for AwsSubscription {
         c.empty_attribute_values = false;
         c.ack_batching = BatchLimits::new(crate::MAX_BATCH_ENTRIES, 16);
         c.max_receive_batch = MAX_RECEIVE;
-        c.max_concurrent_receives = 16;
+        c.max_concurrent_receives = self.shared.config.receive_concurrency.max(1);
         c
     }
 
