@@ -606,3 +606,31 @@ impl From<Bytes> for Message {
         Message::new(b)
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Attribute bytes are taken exactly when both are UTF-8, and
+        /// refused with InvalidArgument otherwise.
+        #[test]
+        fn attribute_bytes_are_taken_only_as_utf8(
+            k in proptest::collection::vec(any::<u8>(), 0..8),
+            v in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let utf8 = (std::str::from_utf8(&k), std::str::from_utf8(&v));
+            match (Message::new("x").try_with_attribute_bytes(&k, &v), utf8) {
+                (Ok(m), (Ok(k), Ok(v))) => {
+                    prop_assert_eq!(m.attributes().get(k).map(String::as_str), Some(v));
+                }
+                (Err(e), (k, v)) => {
+                    prop_assert!(k.is_err() || v.is_err());
+                    prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+                }
+                (Ok(_), _) => prop_assert!(false, "non-UTF-8 bytes were taken"),
+            }
+        }
+    }
+}

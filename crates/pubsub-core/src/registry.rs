@@ -237,4 +237,47 @@ mod tests {
         let e = r.open_topic("x://user:hunter2@host/").await.unwrap_err();
         assert!(!e.to_string().contains("hunter2"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Any URL text opens (mem) or fails with a typed error naming
+            /// the problem, never a panic: malformed URLs, unknown schemes,
+            /// unknown parameters, odd names and values.
+            #[test]
+            fn any_url_opens_or_fails_cleanly(
+                url in "(mem|nope|MEM|)(://|:|:/)?[a-zA-Z0-9%./ _-]{0,12}([?][a-z]{0,14}=[a-z0-9%.&=-]{0,10}){0,2}|\\PC{0,24}"
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let r = Registry::with_defaults();
+                rt.block_on(async {
+                    if let Err(e) = r.open_topic(&url).await {
+                        assert!(!e.to_string().is_empty());
+                    }
+                    if let Ok(s) = r.open_subscription(&url).await {
+                        s.shutdown().await.expect("shutdown");
+                    }
+                });
+            }
+
+            /// A URL's resource name and boolean parameters never panic.
+            #[test]
+            fn names_and_booleans_never_panic(raw in "[a-z]{1,5}://\\PC{0,20}", b in "\\PC{0,6}") {
+                if let Ok(u) = Url::parse(&raw) {
+                    let _ = resource_name(&u);
+                    let _ = query_pairs(&u);
+                }
+                if let Err(e) = parse_bool("k", &b) {
+                    prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+                }
+            }
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //! client are read back as strings by this rule:
 //! - long and short strings: their bytes as UTF-8 (invalid sequences
 //!   replaced by U+FFFD);
-//! - booleans: `true` / `false`; integers and floats: their decimal form;
+//! - booleans: `true` / `false`; integers and floats: their decimal form
+//!   (`NaN`, `inf` and `-inf` for the others, JSON strings when nested);
 //! - decimals: the value scaled, e.g. `12.34`; timestamps: seconds since
 //!   the Unix epoch;
 //! - byte arrays: standard base64;
@@ -83,8 +84,12 @@ fn render_json(v: &AMQPValue, nested: bool) -> String {
         AMQPValue::LongInt(n) => n.to_string(),
         AMQPValue::LongUInt(n) => n.to_string(),
         AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(f) => f.to_string(),
-        AMQPValue::Double(f) => f.to_string(),
+        // JSON has no NaN or infinity: inside arrays and tables those are
+        // strings.
+        AMQPValue::Float(f) if f.is_finite() => f.to_string(),
+        AMQPValue::Double(f) if f.is_finite() => f.to_string(),
+        AMQPValue::Float(f) => quote(f.to_string()),
+        AMQPValue::Double(f) => quote(f.to_string()),
         AMQPValue::DecimalValue(d) => {
             let scale = u32::from(d.scale);
             let value = i64::from(d.value);
@@ -196,5 +201,120 @@ mod tests {
         assert_eq!(a["table"], r#"{"x":false}"#);
         assert_eq!(a["void"], "");
         assert_eq!(a["bad-utf8"], "a\u{fffd}b");
+    }
+
+    #[test]
+    fn nested_floats_that_json_cannot_hold_read_as_strings() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "array".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::Double(f64::NAN),
+                AMQPValue::Float(f32::INFINITY),
+                AMQPValue::Double(f64::NEG_INFINITY),
+                AMQPValue::Double(0.5),
+            ])),
+        );
+        t.insert("alone".into(), AMQPValue::Double(f64::NAN));
+        let a = from_headers(Some(&t));
+        assert_eq!(a["array"], r#"["NaN","inf","-inf",0.5]"#);
+        serde_json::from_str::<serde_json::Value>(&a["array"]).expect("JSON");
+        assert_eq!(a["alone"], "NaN");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn leaf() -> impl Strategy<Value = AMQPValue> {
+            prop_oneof![
+                any::<bool>().prop_map(AMQPValue::Boolean),
+                any::<i8>().prop_map(AMQPValue::ShortShortInt),
+                any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+                any::<i16>().prop_map(AMQPValue::ShortInt),
+                any::<u16>().prop_map(AMQPValue::ShortUInt),
+                any::<i32>().prop_map(AMQPValue::LongInt),
+                any::<u32>().prop_map(AMQPValue::LongUInt),
+                any::<i64>().prop_map(AMQPValue::LongLongInt),
+                any::<f32>().prop_map(AMQPValue::Float),
+                any::<f64>().prop_map(AMQPValue::Double),
+                (any::<u8>(), any::<u32>()).prop_map(|(scale, value)| AMQPValue::DecimalValue(
+                    DecimalValue { scale, value }
+                )),
+                any::<u64>().prop_map(AMQPValue::Timestamp),
+                "\\PC{0,20}".prop_map(|s| AMQPValue::ShortString(s.into())),
+                proptest::collection::vec(any::<u8>(), 0..40)
+                    .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+                proptest::collection::vec(any::<u8>(), 0..40)
+                    .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+                Just(AMQPValue::Void),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = AMQPValue> {
+            leaf().prop_recursive(3, 40, 5, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..5)
+                        .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                    proptest::collection::vec(("\\PC{0,8}", inner), 0..5).prop_map(|kv| {
+                        let mut t = FieldTable::default();
+                        for (k, v) in kv {
+                            t.insert(ShortString::from(k), v);
+                        }
+                        AMQPValue::FieldTable(t)
+                    }),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Whatever another client puts in the headers reads as
+            /// attributes without a panic, and arrays and tables read as
+            /// JSON a receiver can parse.
+            #[test]
+            fn any_foreign_headers_read_as_attributes(
+                headers in proptest::collection::vec(("\\PC{0,12}", value()), 0..6)
+            ) {
+                let mut t = FieldTable::default();
+                for (k, v) in &headers {
+                    t.insert(ShortString::from(k.clone()), v.clone());
+                }
+                let attrs = from_headers(Some(&t));
+                for (k, v) in &t {
+                    let got = &attrs[k.as_str()];
+                    if matches!(v, AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_)) {
+                        prop_assert!(
+                            serde_json::from_str::<serde_json::Value>(got).is_ok(),
+                            "not JSON: {}", got
+                        );
+                    }
+                }
+            }
+
+            /// A decimal reads as its value scaled.
+            #[test]
+            fn decimals_read_as_their_scaled_value(scale in 0u8..=40, value: u32) {
+                let got = render(&AMQPValue::DecimalValue(DecimalValue { scale, value }));
+                let want = f64::from(value) / 10f64.powi(i32::from(scale));
+                let read: f64 = got.parse().expect("a decimal number");
+                prop_assert!((read - want).abs() <= want.abs() * 1e-12, "{got} for {value}e-{scale}");
+            }
+
+            /// Attributes sent come back as they were; a key AMQP cannot
+            /// carry is refused with InvalidArgument, never a panic.
+            #[test]
+            fn attributes_round_trip_or_are_refused(
+                attrs in proptest::collection::btree_map("\\PC{0,300}", "\\PC{0,30}", 0..6)
+            ) {
+                let attrs: Attributes = attrs.into_iter().collect();
+                match to_headers(&attrs, None) {
+                    Ok(t) => prop_assert_eq!(from_headers(Some(&t)), attrs),
+                    Err(e) => {
+                        prop_assert_eq!(e.kind(), pubsub_core::ErrorKind::InvalidArgument);
+                        prop_assert!(attrs.keys().any(|k| k.len() > 255));
+                    }
+                }
+            }
+        }
     }
 }

@@ -140,4 +140,30 @@ mod tests {
         assert!(full_path(&format!("p/a{}", "b".repeat(255)), t).is_err());
         assert!(full_path("p/a-_.~+%b", t).is_ok());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any name gives a full path Pub/Sub accepts, the same again
+            /// when given back, or InvalidArgument before any I/O.
+            #[test]
+            fn any_name_gives_a_valid_path_or_is_refused(
+                name in "(projects/)?[a-z0-9.:-]{0,12}(/(topics|subscriptions))?/[a-zA-Z0-9_.~+%-]{0,10}|\\PC{0,30}"
+            ) {
+                for c in [Collection::Topics, Collection::Subscriptions] {
+                    match full_path(&name, c) {
+                        Ok(path) => {
+                            prop_assert!(path.starts_with("projects/"));
+                            prop_assert_eq!(full_path(&path, c).ok(), Some(path.clone()));
+                            let resource = path.rsplit('/').next().unwrap_or_default();
+                            prop_assert!(check_resource(resource, "name").is_ok());
+                        }
+                        Err(e) => prop_assert_eq!(e.kind(), ErrorKind::InvalidArgument),
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1333,4 +1333,30 @@ mod tests {
             format!("t/{}/{}", i32::MAX, i64::MAX)
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn timestamp() -> impl Strategy<Value = Timestamp> {
+            prop_oneof![
+                Just(Timestamp::NotAvailable),
+                any::<i64>().prop_map(Timestamp::CreateTime),
+                any::<i64>().prop_map(Timestamp::LogAppendTime),
+            ]
+        }
+
+        proptest! {
+            /// The two numbers a lazily described message keeps give back
+            /// its timestamp, topic and partition, whatever they are.
+            #[test]
+            fn described_numbers_give_back_what_they_keep(
+                ts in timestamp(),
+                topic in 0usize..=0x3FFF_FFFF,
+                partition: i32,
+            ) {
+                prop_assert_eq!(described(describe_at(ts, topic, partition)), (ts, topic, partition));
+            }
+        }
+    }
 }

@@ -47,7 +47,12 @@ pub(crate) fn query_unescape(s: &str) -> Option<String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
+                // Two hex digits, as Go takes them (`from_str_radix` alone
+                // would also take a sign: "%+1").
                 let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
@@ -148,5 +153,54 @@ mod tests {
         let mut bad = Attributes::new();
         bad.insert("Nats-Expected-Stream".into(), "x".into());
         assert!(to_headers(&bad).is_err());
+    }
+
+    #[test]
+    fn a_percent_must_be_followed_by_two_hex_digits() {
+        for bad in ["%+1", "%-1", "% 1", "%1", "%g0", "%"] {
+            assert_eq!(query_unescape(bad), None, "{bad:?}");
+        }
+        assert_eq!(query_unescape("%2b").as_deref(), Some("+"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn escaping_round_trips(s in "\\PC{0,40}") {
+                prop_assert_eq!(query_unescape(&query_escape(&s)), Some(s));
+            }
+
+            /// Any header text unescapes or is refused without a panic, and
+            /// only where Go's `url.QueryUnescape` would accept it: every
+            /// `%` followed by two hex digits, and UTF-8 after.
+            #[test]
+            fn unescaping_takes_only_what_go_takes(s in "[%+0-9a-fA-F\\PC]{0,24}") {
+                let b = s.as_bytes();
+                let well_formed = b.iter().enumerate().all(|(i, &c)| {
+                    c != b'%'
+                        || (b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                            && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                });
+                if let Some(out) = query_unescape(&s) {
+                    prop_assert!(well_formed, "{:?} unescaped to {:?}", s, out);
+                }
+            }
+
+            /// Attributes sent come back as they were, or are refused with
+            /// InvalidArgument before I/O.
+            #[test]
+            fn attributes_round_trip_or_are_refused(
+                attrs in proptest::collection::btree_map("\\PC{0,16}", "\\PC{0,24}", 0..6)
+            ) {
+                let attrs: Attributes = attrs.into_iter().collect();
+                match to_headers(&attrs) {
+                    Ok(h) => prop_assert_eq!(from_headers(Some(&h)), attrs),
+                    Err(e) => prop_assert_eq!(e.kind(), pubsub_core::ErrorKind::InvalidArgument),
+                }
+            }
+        }
     }
 }

@@ -265,4 +265,79 @@ mod tests {
         assert_eq!(parse_id("x"), None);
         assert_eq!(format_id((1, 2)), "1-2");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn reply() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Nil),
+                Just(Value::Okay),
+                any::<i64>().prop_map(Value::Int),
+                proptest::collection::vec(any::<u8>(), 0..12).prop_map(Value::BulkString),
+                "\\PC{0,8}".prop_map(Value::SimpleString),
+                any::<bool>().prop_map(Value::Boolean),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Set),
+                    proptest::collection::vec((inner.clone(), inner), 0..3).prop_map(Value::Map),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Whatever the server answers, reading it gives entries or a
+            /// typed error, never a panic.
+            #[test]
+            fn any_reply_reads_or_fails_cleanly(v in reply()) {
+                let _ = read_reply("s", v.clone());
+                let _ = autoclaim_reply("s", v.clone());
+                let _ = pending_reply(v);
+            }
+
+            /// Any fields another client wrote decode without a panic.
+            #[test]
+            fn any_fields_decode(
+                fields in proptest::collection::vec(
+                    (proptest::collection::vec(any::<u8>(), 0..8), proptest::collection::vec(any::<u8>(), 0..8)),
+                    0..8,
+                )
+            ) {
+                let fields: Vec<(Bytes, Bytes)> =
+                    fields.into_iter().map(|(k, v)| (Bytes::from(k), Bytes::from(v))).collect();
+                let _ = decode(&fields);
+            }
+
+            /// A message's body, attributes and key come back as sent,
+            /// whatever their names.
+            #[test]
+            fn messages_round_trip_through_fields(
+                body in proptest::collection::vec(any::<u8>(), 0..64),
+                attrs in proptest::collection::btree_map("[$]{0,3}\\PC{0,8}", "\\PC{0,12}", 0..6),
+                key in proptest::option::of("\\PC{0,8}"),
+            ) {
+                let mut m = OutgoingMessage::new(body.clone());
+                m.attributes = attrs.clone().into_iter().collect();
+                m.ordering_key = key.clone();
+                let fields: Vec<(Bytes, Bytes)> = to_fields(&m)
+                    .into_iter()
+                    .map(|(k, v)| (Bytes::from(k), v))
+                    .collect();
+                let d = decode(&fields);
+                prop_assert_eq!(d.body.as_ref(), &body[..]);
+                prop_assert_eq!(d.attributes, m.attributes);
+                prop_assert_eq!(d.ordering_key, key);
+            }
+
+            #[test]
+            fn any_entry_id_parses_or_is_refused(id in "[0-9-]{0,24}|\\PC{0,12}") {
+                if let Some(p) = parse_id(&id) {
+                    prop_assert_eq!(parse_id(&format_id(p)), Some(p));
+                }
+            }
+        }
+    }
 }

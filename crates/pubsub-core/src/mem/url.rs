@@ -117,7 +117,8 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
             "h" => 3600.0,
             _ => return Err(bad()),
         };
-        total += Duration::try_from_secs_f64(value * unit).map_err(|_| bad())?;
+        let part = Duration::try_from_secs_f64(value * unit).map_err(|_| bad())?;
+        total = total.checked_add(part).ok_or_else(bad)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -177,6 +178,30 @@ mod tests {
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         for bad in ["", "10", "s", "10x", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any duration text parses or is InvalidArgument, never a
+            /// panic, huge values and sums included.
+            #[test]
+            fn any_duration_parses_or_is_refused(
+                s in "([0-9]{0,22}(\\.[0-9]{0,3})?(ns|us|µs|ms|s|m|h|x)?){0,4}|\\PC{0,12}"
+            ) {
+                if let Err(e) = parse_duration(&s) {
+                    prop_assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+                }
+            }
+        }
+
+        #[test]
+        fn a_sum_past_the_largest_duration_is_refused() {
+            let e = parse_duration("10000000000000000000s10000000000000000000s").unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
         }
     }
 }
