@@ -499,9 +499,26 @@ pub async fn cancelled_send_is_withdrawn(h: &impl Harness) {
         r.is_err(),
         "a lone message below the minimum batch size waits"
     );
+    assert_eq!(
+        send_two_and_receive_two(&f, "kept").await,
+        HashSet::from(["kept-1".to_owned(), "kept-2".to_owned()])
+    );
+    // The withdrawn message never went: the next two to arrive are two
+    // sent after it (two, since one alone would wait for company).
+    assert_eq!(
+        send_two_and_receive_two(&f, "after").await,
+        HashSet::from(["after-1".to_owned(), "after-2".to_owned()]),
+        "the withdrawn message arrived"
+    );
+    finish(f).await;
+}
+
+/// Sends `NAME-1` and `NAME-2` together and gives the bodies of the next
+/// two messages received.
+async fn send_two_and_receive_two(f: &Fixture, name: &str) -> HashSet<String> {
     let (a, b) = tokio::join!(
-        f.topic.send(Message::new("kept-1")),
-        f.topic.send(Message::new("kept-2"))
+        f.topic.send(Message::new(format!("{name}-1"))),
+        f.topic.send(Message::new(format!("{name}-2")))
     );
     a.expect("send");
     b.expect("send");
@@ -511,30 +528,7 @@ pub async fn cancelled_send_is_withdrawn(h: &impl Harness) {
         got.insert(String::from_utf8(m.body().to_vec()).unwrap());
         m.ack();
     }
-    assert_eq!(
-        got,
-        HashSet::from(["kept-1".to_owned(), "kept-2".to_owned()])
-    );
-    // The withdrawn message never went: the next two to arrive are two
-    // sent after it (two, since one alone would wait for company).
-    let (a, b) = tokio::join!(
-        f.topic.send(Message::new("after-1")),
-        f.topic.send(Message::new("after-2"))
-    );
-    a.expect("send");
-    b.expect("send");
-    let mut after = HashSet::new();
-    for _ in 0..2 {
-        let m = recv(&f.sub, ARRIVAL).await;
-        after.insert(String::from_utf8(m.body().to_vec()).unwrap());
-        m.ack();
-    }
-    assert_eq!(
-        after,
-        HashSet::from(["after-1".to_owned(), "after-2".to_owned()]),
-        "the withdrawn message arrived"
-    );
-    finish(f).await;
+    got
 }
 
 /// A receive cancelled while waiting takes nothing with it.

