@@ -543,18 +543,7 @@ pub async fn cancelled_receive_loses_nothing(h: &impl Harness) {
     // On a busy subscription, receives polled once and dropped while they
     // wait (for a fetch under way, for the queue) take nothing with them.
     let n = 50;
-    let topic = f.topic.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..n {
-            topic
-                .send(Message::new(format!("busy{i}")))
-                .await
-                .expect("send");
-            if i % 5 == 4 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-    });
+    let sender = trickle(&f.topic, "busy", n, (5, 4), Duration::from_millis(2));
     let mut seen = HashSet::new();
     let deadline = tokio::time::Instant::now() + ARRIVAL;
     let mut cancelled = 0;
@@ -578,14 +567,48 @@ pub async fn cancelled_receive_loses_nothing(h: &impl Harness) {
         }
     }
     sender.await.expect("sender");
-    let stats = f.sub.stats();
-    assert!(cancelled > 0, "no receive was cancelled: {stats:?}");
+    assert!(
+        cancelled > 0,
+        "no receive was cancelled: {:?}",
+        f.sub.stats()
+    );
+    assert_nothing_dropped(&f.sub);
+    finish(f).await;
+}
+
+/// Sends `PREFIXi` for i in `0..n` from a task of its own, pausing after
+/// each send whose `i % every` is `at`.
+fn trickle(
+    topic: &Topic,
+    prefix: &'static str,
+    n: usize,
+    (every, at): (usize, usize),
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let topic = topic.clone();
+    tokio::spawn(async move {
+        for i in 0..n {
+            topic
+                .send(Message::new(format!("{prefix}{i}")))
+                .await
+                .expect("send");
+            if i % every == at {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    })
+}
+
+/// Asserts that no message was handed out and then dropped or nacked: what
+/// a receive that is not cancel-safe shows (the drop rule nacks what it
+/// took, so it comes again and a count of arrivals alone cannot tell).
+fn assert_nothing_dropped(sub: &Subscription) {
+    let stats = sub.stats();
     assert_eq!(
         (stats.dropped_unsettled, stats.nacked),
         (0, 0),
         "a cancelled receive dropped messages it had taken: {stats:?}"
     );
-    finish(f).await;
 }
 
 /// Receive futures dropped at random moments while messages flow lose
@@ -593,18 +616,7 @@ pub async fn cancelled_receive_loses_nothing(h: &impl Harness) {
 pub async fn dropped_receive_futures_lose_nothing(h: &impl Harness) {
     let f = simple(h, "drop-receive").await;
     let n = 200;
-    let topic = f.topic.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..n {
-            topic
-                .send(Message::new(format!("{i}")))
-                .await
-                .expect("send");
-            if i % 20 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let sender = trickle(&f.topic, "", n, (20, 0), Duration::from_millis(5));
     let mut seen = HashSet::new();
     let deadline = tokio::time::Instant::now() + ARRIVAL * 2;
     while seen.len() < n {
@@ -621,15 +633,7 @@ pub async fn dropped_receive_futures_lose_nothing(h: &impl Harness) {
         }
     }
     sender.await.expect("sender");
-    // Every message arrives even if a cancelled receive had dropped one it
-    // took (the drop rule nacks it, so it comes again): what shows a
-    // receive that is not cancel-safe is a message handed out and dropped.
-    let stats = f.sub.stats();
-    assert_eq!(
-        (stats.dropped_unsettled, stats.nacked),
-        (0, 0),
-        "a cancelled receive dropped messages it had taken: {stats:?}"
-    );
+    assert_nothing_dropped(&f.sub);
     finish(f).await;
 }
 

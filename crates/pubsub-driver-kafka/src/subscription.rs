@@ -680,10 +680,7 @@ impl KafkaSubscription {
     pub async fn join(&self, within: Duration) -> Result<bool> {
         let deadline = tokio::time::Instant::now() + within;
         if self.starts_at_end && !self.subscribed.load(Ordering::Acquire) {
-            for topic in &self.topics {
-                let c = self.consumer.clone();
-                topic_exists(move |t| c.fetch_metadata(None, t), topic.clone()).await?;
-            }
+            self.check_topics().await?;
             let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
             let fixed = tokio::task::spawn_blocking(move || {
                 commit_ends_of_new_partitions(&consumer, &topics, within)
@@ -723,6 +720,15 @@ impl KafkaSubscription {
         got
     }
 
+    /// `NotFound` unless every subscribed topic exists.
+    async fn check_topics(&self) -> Result<()> {
+        for topic in &self.topics {
+            let c = self.consumer.clone();
+            topic_exists(move |t| c.fetch_metadata(None, t), topic.clone()).await?;
+        }
+        Ok(())
+    }
+
     async fn ensure_subscribed(&self) -> Result<()> {
         if self.subscribed.load(Ordering::Acquire) {
             return Ok(());
@@ -731,10 +737,7 @@ impl KafkaSubscription {
         if self.subscribed.load(Ordering::Acquire) {
             return Ok(());
         }
-        for topic in &self.topics {
-            let c = self.consumer.clone();
-            topic_exists(move |t| c.fetch_metadata(None, t), topic.clone()).await?;
-        }
+        self.check_topics().await?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         self.consumer.subscribe(&topics).map_err(error::map)?;
         tokio::spawn(store_acked(

@@ -256,9 +256,7 @@ impl Settler {
     pub(crate) fn release_held(&self, token: u64) {
         let nacked = lock(&self.held).as_mut().and_then(|m| m.remove(&token));
         if let Some(n) = nacked {
-            if !self.send_nack(n) {
-                self.late.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_held(n);
         }
     }
 
@@ -266,9 +264,14 @@ impl Settler {
     pub(crate) fn release_all_held(&self) {
         let held = lock(&self.held).take().unwrap_or_default();
         for (_, n) in held {
-            if !self.send_nack(n) {
-                self.late.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_held(n);
+        }
+    }
+
+    /// Sends a held nack, already counted as nacked when it was held.
+    fn send_held(&self, n: Nacked) {
+        if !self.send_nack(n) {
+            self.late.fetch_add(1, Ordering::Relaxed);
         }
     }
 
