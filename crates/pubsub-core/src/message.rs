@@ -470,10 +470,10 @@ impl Message {
             return;
         }
         let d = &r.sub.driver;
-        let span =
-            crate::trace::consumer_span(d.driver_name(), d.resource(), &self.attributes, || {
-                r.id().to_owned()
-            });
+        let system = r.sub.caps.messaging_system_or(d.driver_name());
+        let span = crate::trace::consumer_span(system, d.resource(), &self.attributes, || {
+            r.id().to_owned()
+        });
         r.span = span;
     }
 

@@ -14,7 +14,9 @@
 //! Names follow OpenTelemetry's messaging semantic conventions where one
 //! exists ([`SENT`], [`CONSUMED`], [`OPERATION_DURATION`]); the rest are
 //! this library's, under `pubsub.`. Every metric carries
-//! `messaging.system` (the driver's name: `mem`, `amqp`, `kafka`...)
+//! `messaging.system` (OpenTelemetry's name for the backend where the
+//! conventions give one, `rabbitmq`, `kafka`, `gcp_pubsub`, `aws_sqs` or
+//! `aws.sns`, else the driver's: `mem`, `nats`, `redis`)
 //! and `messaging.destination.name` (a topic's resource) or
 //! `messaging.destination.subscription.name` (a subscription's). Per-call
 //! metrics add `messaging.operation.name` (`send`, `receive`, `ack`,
@@ -71,7 +73,8 @@ pub const DROPPED: &str = "pubsub.dropped.messages";
 /// Messages received again, where the backend tells a delivery attempt
 /// above one (counter).
 pub const REDELIVERED: &str = "pubsub.redelivered.messages";
-/// Messages fetched and not yet handed out (gauge).
+/// Messages fetched and not yet handed out (gauge), summed over the
+/// handles open on one subscription in the process.
 pub const QUEUED: &str = "pubsub.receive.queued.messages";
 /// Leases extended, by the lease keeper or `Message::extend_lease`
 /// (counter).
@@ -349,5 +352,53 @@ mod tests {
             Some(DebugValue::Gauge(n)) => assert_eq!(n.0, 0.0),
             other => panic!("queue depth: {other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn handles_on_one_subscription_add_up_in_the_queue_depth() {
+        let recorder = DebuggingRecorder::new();
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let broker = Broker::new();
+        broker.create_topic("orders").unwrap();
+        broker
+            .create_subscription("billing", "orders", Duration::from_secs(30))
+            .unwrap();
+        let topic = broker.topic("orders");
+        let (a, b) = (
+            broker.subscription("billing"),
+            broker.subscription("billing"),
+        );
+        let s = [
+            ("messaging.system", "mem"),
+            ("messaging.destination.subscription.name", "billing"),
+        ];
+        // A snapshot hands over the gauge's value and starts it again from
+        // zero, so the depth is the sum of the snapshots.
+        let total = std::cell::Cell::new(0.0);
+        let depth = || {
+            match value(&snapshot(&recorder), QUEUED, &s) {
+                Some(DebugValue::Gauge(n)) => total.set(total.get() + n.0),
+                None => {}
+                other => panic!("queue depth: {other:?}"),
+            }
+            total.get()
+        };
+        // Each handle fetches a batch and hands out one message of it.
+        let mut held = Vec::new();
+        for sub in [&a, &b] {
+            for i in 0..10 {
+                topic.send(Message::new(format!("m{i}"))).await.unwrap();
+            }
+            held.push(sub.receive().await.unwrap());
+        }
+        let (qa, qb) = (a.stats().queued, b.stats().queued);
+        assert!(qa > 0 && qb > 0, "both handles hold messages: {qa}, {qb}");
+        assert_eq!(depth(), (qa + qb) as f64);
+        drop(held);
+        a.shutdown().await.unwrap();
+        assert_eq!(depth(), b.stats().queued as f64);
+        b.shutdown().await.unwrap();
+        assert_eq!(depth(), 0.0);
+        topic.shutdown().await.unwrap();
     }
 }

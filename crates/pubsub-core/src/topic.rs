@@ -49,7 +49,10 @@ impl Topic {
     pub fn with_options(driver: Arc<dyn driver::Topic>, options: TopicOptions) -> Self {
         let caps = driver.capabilities();
         let limits = options.batching.merge(caps.send_batching);
-        let labels = Labels::topic(driver.driver_name(), driver.resource());
+        let labels = Labels::topic(
+            caps.messaging_system_or(driver.driver_name()),
+            driver.resource(),
+        );
         let batcher = Batcher::new(
             limits,
             options.retry,
@@ -84,7 +87,10 @@ impl Topic {
         let inner = &*self.inner;
         #[cfg(feature = "opentelemetry")]
         let producer = inner.trace.then(|| {
-            crate::trace::producer_span(inner.driver.driver_name(), inner.driver.resource())
+            crate::trace::producer_span(
+                inner.caps.messaging_system_or(inner.driver.driver_name()),
+                inner.driver.resource(),
+            )
         });
         #[cfg(feature = "opentelemetry")]
         let span = producer.clone().unwrap_or_else(|| self.send_span());

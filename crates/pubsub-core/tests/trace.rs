@@ -538,3 +538,111 @@ async fn a_subscriber_without_an_opentelemetry_layer_adds_nothing() {
     topic.shutdown().await.unwrap();
     sub.shutdown().await.unwrap();
 }
+
+/// A mem driver declaring the `messaging.system` a backend with a name in
+/// OpenTelemetry's conventions declares.
+mod named {
+    use std::any::Any;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use pubsub_core::driver::{
+        self, async_trait, AckId, BatchError, Capabilities, Deliveries, Nacked, OutgoingMessage,
+        ReceivedMessage, Settlement,
+    };
+    use pubsub_core::mem::{SubscriptionDriver, TopicDriver};
+    use pubsub_core::Result;
+
+    pub const SYSTEM: &str = "rabbitmq";
+
+    fn named(mut c: Capabilities) -> Capabilities {
+        c.messaging_system = Some(SYSTEM);
+        c
+    }
+
+    #[derive(Debug)]
+    pub struct Topic(pub TopicDriver);
+
+    #[async_trait]
+    impl driver::Topic for Topic {
+        fn driver_name(&self) -> &'static str {
+            self.0.driver_name()
+        }
+        fn resource(&self) -> &str {
+            self.0.resource()
+        }
+        fn capabilities(&self) -> Capabilities {
+            named(self.0.capabilities())
+        }
+        async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
+            self.0.send_batch(batch).await
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct Subscription(pub SubscriptionDriver);
+
+    #[async_trait]
+    impl driver::Subscription for Subscription {
+        fn driver_name(&self) -> &'static str {
+            self.0.driver_name()
+        }
+        fn resource(&self) -> &str {
+            self.0.resource()
+        }
+        fn capabilities(&self) -> Capabilities {
+            named(self.0.capabilities())
+        }
+        async fn receive_batch(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+            self.0.receive_batch(max).await
+        }
+        fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
+            self.0.send_acks(ids)
+        }
+        fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
+            self.0.send_nacks(nacks)
+        }
+        async fn extend_leases(&self, ids: &[AckId], by: Duration) -> Result<(), BatchError> {
+            self.0.extend_leases(ids, by).await
+        }
+        async fn close(&self) -> Result<()> {
+            self.0.close().await
+        }
+        fn raw(&self) -> Option<&(dyn Any + Send + Sync)> {
+            self.0.raw()
+        }
+        fn deliveries(&self) -> Option<Arc<dyn Deliveries>> {
+            self.0.deliveries()
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn spans_carry_the_messaging_system_a_driver_declares() {
+    use pubsub_core::driver::{Subscription as _, Topic as _};
+    let t = Traced::new();
+    let b = Broker::new();
+    b.create_topic("named").unwrap();
+    b.create_subscription("named", "named", Duration::from_secs(30))
+        .unwrap();
+    let topic = pubsub_core::Topic::new(named::Topic(b.topic_driver("named")));
+    let sub = pubsub_core::Subscription::new(named::Subscription(b.subscription_driver("named")));
+    assert_eq!(named::Topic(b.topic_driver("named")).driver_name(), "mem");
+    assert_eq!(
+        named::Subscription(b.subscription_driver("named")).driver_name(),
+        "mem"
+    );
+
+    topic.send(Message::new("hello")).await.unwrap();
+    let msg = sub.receive().await.unwrap();
+    msg.ack();
+    sub.shutdown().await.unwrap();
+    topic.shutdown().await.unwrap();
+
+    let spans = t.spans();
+    let producer = by_kind(&spans, SpanKind::Producer);
+    let consumer = by_kind(&spans, SpanKind::Consumer);
+    assert_eq!((producer.len(), consumer.len()), (1, 1), "{spans:#?}");
+    assert_eq!(string(producer[0], "messaging.system"), named::SYSTEM);
+    assert_eq!(string(consumer[0], "messaging.system"), named::SYSTEM);
+}

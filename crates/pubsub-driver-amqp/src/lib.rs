@@ -115,6 +115,7 @@ pub const MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
 pub(crate) fn capabilities(prefetch: u16) -> Capabilities {
     let mut c = Capabilities::default();
+    c.messaging_system = Some("rabbitmq");
     c.nack = true;
     c.fan_out = true;
     c.max_message_bytes = Some(MAX_MESSAGE_BYTES);

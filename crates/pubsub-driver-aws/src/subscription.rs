@@ -418,6 +418,7 @@ impl driver::Subscription for AwsSubscription {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::default();
+        c.messaging_system = Some("aws_sqs");
         c.nack = true;
         c.lease_extension = true;
         c.redelivery_after_deadline = true;

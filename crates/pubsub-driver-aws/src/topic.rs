@@ -412,6 +412,11 @@ impl driver::Topic for AwsTopic {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::default();
+        // OpenTelemetry's names: SNS's is spelt with a dot.
+        c.messaging_system = Some(match self.target {
+            Target::Sns { .. } => "aws.sns",
+            Target::Sqs { .. } => "aws_sqs",
+        });
         c.fan_out = matches!(self.target, Target::Sns { .. });
         c.ordering_keys = self.fifo;
         c.max_message_bytes = Some(MAX_MESSAGE_BYTES);

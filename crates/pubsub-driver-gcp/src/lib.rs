@@ -161,6 +161,8 @@ pub use topic::{GcpTopic, TopicConfig, MAX_MESSAGE_BYTES, MAX_SEND_BATCH};
 pub const SCHEME: &str = "gcppubsub";
 
 pub(crate) const DRIVER: &str = "gcppubsub";
+/// OpenTelemetry's `messaging.system` for Pub/Sub.
+pub(crate) const MESSAGING_SYSTEM: &str = "gcp_pubsub";
 
 /// Where the clients connect.
 #[derive(Clone, Debug, PartialEq, Eq)]

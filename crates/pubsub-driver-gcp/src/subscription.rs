@@ -328,6 +328,7 @@ async fn let_go_expired(held: Weak<Mutex<Held>>, deadline: Duration) {
 
 pub(crate) fn capabilities(config: &SubscriptionConfig, deadline: Duration) -> Capabilities {
     let mut c = Capabilities::default();
+    c.messaging_system = Some(crate::MESSAGING_SYSTEM);
     c.nack = true;
     c.lease_extension = true;
     c.redelivery_after_deadline = true;

@@ -170,6 +170,7 @@ impl GcpTopic {
 
 pub(crate) fn capabilities(config: &TopicConfig) -> Capabilities {
     let mut c = Capabilities::default();
+    c.messaging_system = Some(crate::MESSAGING_SYSTEM);
     c.fan_out = true;
     c.ordering_keys = config.message_ordering;
     c.max_message_bytes = Some(MAX_MESSAGE_BYTES);

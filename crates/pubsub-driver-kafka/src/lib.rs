@@ -136,6 +136,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
 
 pub(crate) fn capabilities() -> Capabilities {
     let mut c = Capabilities::default();
+    c.messaging_system = Some("kafka");
     c.nack = true;
     c.fan_out = true;
     c.ordering_keys = true;

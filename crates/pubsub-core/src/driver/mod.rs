@@ -265,6 +265,19 @@ pub struct Capabilities {
     /// a nack at once, so the core holds a delayed nack, keeping its lease,
     /// and sends it when it is due. Delays beyond the maximum are cut to it.
     pub max_nack_delay: Option<Duration>,
+    /// OpenTelemetry's `messaging.system` for this backend, on spans and
+    /// metrics, where the conventions name one (`rabbitmq`, `kafka`,
+    /// `gcp_pubsub`, `aws_sqs`, `aws.sns`). `None` (the default): the
+    /// driver's name.
+    pub messaging_system: Option<&'static str>,
+}
+
+impl Capabilities {
+    /// The `messaging.system` of a driver named `driver`: the declared one,
+    /// else the name.
+    pub fn messaging_system_or(&self, driver: &'static str) -> &'static str {
+        self.messaging_system.unwrap_or(driver)
+    }
 }
 
 impl Default for Capabilities {
@@ -286,6 +299,7 @@ impl Default for Capabilities {
             max_receive_batch: 1000,
             max_concurrent_receives: 4,
             max_nack_delay: None,
+            messaging_system: None,
         }
     }
 }

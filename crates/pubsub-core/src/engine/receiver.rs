@@ -87,6 +87,8 @@ pub(crate) struct RecvState {
     taken_back_seen: u64,
     /// Queued messages dropped because the driver took them back.
     pub(crate) revoked: u64,
+    /// This handle's share of the queue-depth gauge as last reported.
+    reported_queued: usize,
 }
 
 /// Decrements the waiting count when a receiver stops waiting, however it
@@ -121,7 +123,10 @@ impl Receiver {
         ));
         let ready = Arc::new(Notify::new());
         let failure = Arc::new(FailureSlot::new(ready.clone()));
-        let labels = Labels::subscription(driver.driver_name(), driver.resource());
+        let labels = Labels::subscription(
+            caps.messaging_system_or(driver.driver_name()),
+            driver.resource(),
+        );
         let settler = Settler::new(
             driver.clone(),
             &caps,
@@ -155,6 +160,7 @@ impl Receiver {
                 sizer: BatchSizer::new(max_batch),
                 taken_back_seen,
                 revoked: 0,
+                reported_queued: 0,
             }),
             ready,
             fetch_done: Notify::new(),
@@ -380,7 +386,7 @@ impl Receiver {
             );
             st.revoked += dropped.len() as u64;
             self.leases.release(dropped.into_iter());
-            self.metrics.queued.set(st.queue.len() as f64);
+            self.report_queued(st);
         }
     }
 
@@ -398,13 +404,26 @@ impl Receiver {
         make(m, token, self.clone())
     }
 
+    /// Moves the queue-depth gauge by this handle's change since it last
+    /// reported, so that handles on one subscription (one gauge, by its
+    /// labels) add up instead of overwriting each other.
+    fn report_queued(&self, st: &mut RecvState) {
+        let now = st.queue.len();
+        let was = std::mem::replace(&mut st.reported_queued, now);
+        if now > was {
+            self.metrics.queued.increment((now - was) as f64);
+        } else if now < was {
+            self.metrics.queued.decrement((was - now) as f64);
+        }
+    }
+
     /// Called with the state locked once a message was taken from the
     /// queue.
     fn taken(self: &Arc<Self>, st: &mut RecvState) {
         st.received += 1;
         st.sizer.handed += 1;
         self.metrics.consumed.increment(1);
-        self.metrics.queued.set(st.queue.len() as f64);
+        self.report_queued(st);
         self.maybe_fetch(st);
     }
 
@@ -482,7 +501,7 @@ impl Receiver {
                         let mut st = lock(&self.state);
                         let empty = batch.is_empty();
                         st.queue.push(batch, base);
-                        self.metrics.queued.set(st.queue.len() as f64);
+                        self.report_queued(&mut st);
                         // Read under the lock, where receivers check it:
                         // deliveries taken back while this batch was fetched
                         // or on its way here are dropped before any
@@ -602,7 +621,7 @@ impl Receiver {
                 .drain()
                 .map(|(m, token)| Nacked::unreceived(m, token))
                 .collect();
-            self.metrics.queued.set(0.0);
+            self.report_queued(&mut st);
             unreceived
         };
         self.leases.release(unreceived.iter().map(|n| n.token));
