@@ -325,8 +325,13 @@ async fn send_lines(
                 in_flight.push_back(async move { (number, send_for_id(&topic, msg).await) });
             }
             Some((line, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let printed = match &result {
+                    Ok(id) => print_sent(id.as_deref()),
+                    Err(_) => print_not_sent(),
+                };
+                printed.context("writing a sent message's id")?;
                 match result {
-                    Ok(id) => print_sent(id.as_deref()).context("writing a sent message's id")?,
+                    Ok(_) => {}
                     Err(_) if first_error.is_some() => reading = false,
                     Err(e) => {
                         first_error = Some(anyhow::Error::from(e)
@@ -362,8 +367,18 @@ async fn send_for_id(
 /// gave none), so the lines match the messages in order. A closed standard
 /// output is an error, not a panic that would drop the sends in flight.
 fn print_sent(id: Option<&str>) -> std::io::Result<()> {
+    print_line(id.unwrap_or("-"))
+}
+
+/// Prints `!` in a failed send's place, so the lines still match the
+/// messages sent before and after it while it was in flight.
+fn print_not_sent() -> std::io::Result<()> {
+    print_line("!")
+}
+
+fn print_line(line: &str) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", id.unwrap_or("-"))?;
+    writeln!(out, "{line}")?;
     out.flush()
 }
 

@@ -192,6 +192,40 @@ fn a_bad_json_line_is_refused_naming_its_line() {
 }
 
 #[test]
+fn a_failed_send_keeps_its_line_in_the_ids_printed() {
+    // The second message is refused (an empty attribute key); the third
+    // was read before that was known and is still sent.
+    let out = pubsub()
+        .args(["send", "mem://cli-failed-line", "--json-lines"])
+        .write_stdin(concat!(
+            "{\"body\": \"one\"}\n",
+            "{\"body\": \"two\", \"attributes\": {\"\": \"v\"}}\n",
+            "{\"body\": \"three\"}\n",
+        ))
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("line 2"), "{err}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let printed: Vec<&str> = stdout.lines().collect();
+    assert!(
+        printed.len() >= 2,
+        "a line for the sent message and one for the failed one: {printed:?}"
+    );
+    assert!(
+        printed[0] != "!" && !printed[0].is_empty(),
+        "the first message's id: {printed:?}"
+    );
+    assert_eq!(printed[1], "!", "the failed message's line: {printed:?}");
+    assert!(
+        printed[2..].iter().all(|l| *l != "!"),
+        "only the second message failed: {printed:?}"
+    );
+}
+
+#[test]
 fn malformed_attribute_is_a_usage_error() {
     let out = pubsub()
         .args(["send", "mem://x", "--attr", "novalue", "b"])
