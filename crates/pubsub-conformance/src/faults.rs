@@ -257,55 +257,6 @@ pub async fn faults_lose_nothing<F, Fut>(
     senders: usize,
     per_sender: usize,
     settle: Duration,
-    fault: F,
-) -> FaultReport
-where
-    F: FnMut(u32) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    faults_lose_nothing_within(topic, sub, senders, per_sender, settle, None, None, fault).await
-}
-
-/// How long a send may keep retrying: the core's default retry budget.
-const SEND_BUDGET: Duration = pubsub_core::DEFAULT_SEND_GIVE_UP;
-
-/// How long closing may take after the faults, however slow the backend.
-const CLOSE_LIMIT: Duration = Duration::from_secs(60);
-
-/// Awaits `step`, panicking with its name if it takes over [`CLOSE_LIMIT`].
-async fn bounded<T>(what: &str, step: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(CLOSE_LIMIT, step).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} is stuck: no return within {CLOSE_LIMIT:?}"),
-    }
-}
-
-/// Reads afresh, from a new subscription handle on the same subscription,
-/// the messages whose bodies it is given, and returns the bodies it got.
-pub type Recover = Box<
-    dyn FnOnce(Vec<usize>) -> std::pin::Pin<Box<dyn Future<Output = Vec<usize>> + Send>> + Send,
->;
-
-/// [`faults_lose_nothing`] with another bound on duplicates, for a backend
-/// client that repeats more than the in-flight window under a fault (one
-/// that drops acks it could not send, say); `None` is the in-flight bound.
-/// The caller documents why its bound holds.
-///
-/// `recover` is for a backend that can strand deliveries on a receiving
-/// stream until the subscription closes (the caller documents which and
-/// why): when `settle` has passed with messages missing, the run's
-/// subscription is shut down and `recover` reads them afresh. Every one
-/// must come back there, or the run fails: a message may be late, never
-/// lost.
-#[allow(clippy::too_many_arguments)]
-pub async fn faults_lose_nothing_within<F, Fut>(
-    topic: Topic,
-    sub: Subscription,
-    senders: usize,
-    per_sender: usize,
-    settle: Duration,
-    duplicate_bound: Option<usize>,
-    recover: Option<Recover>,
     mut fault: F,
 ) -> FaultReport
 where
@@ -413,7 +364,6 @@ where
 
     let confirmed = confirmed.lock().unwrap().clone();
     let deadline = Instant::now() + settle;
-    let mut closed = false;
     loop {
         let missing: Vec<usize> = {
             let got = received.lock().unwrap();
@@ -436,45 +386,20 @@ where
             panic!("the receiver stopped before shutdown");
         }
         if Instant::now() >= deadline {
-            let late = format!(
+            panic!(
                 "{} of {} sent messages never arrived within {settle:?}; missing, as runs of bodies (sender s sent s*{per_sender} onwards, in order): {}",
                 missing.len(),
                 confirmed.len(),
                 runs(&missing)
             );
-            let Some(recover) = recover else {
-                panic!("{late}");
-            };
-            // Closed first, so that whatever the run's handle holds goes
-            // back to the backend.
-            bounded("subscription shutdown", sub.shutdown())
-                .await
-                .expect("subscription shutdown");
-            closed = true;
-            let got = recover(missing.clone()).await;
-            let lost: Vec<usize> = missing
-                .iter()
-                .filter(|n| !got.contains(n))
-                .copied()
-                .collect();
-            assert!(
-                lost.is_empty(),
-                "{late}; read afresh after the subscription closed, {} still did not arrive: {}",
-                lost.len(),
-                runs(&lost)
-            );
-            println!("{late}; all arrived when read afresh after the subscription closed");
-            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let topic_caps = topic.capabilities().clone();
     let sub_caps = sub.capabilities().clone();
-    if !closed {
-        bounded("subscription shutdown", sub.shutdown())
-            .await
-            .expect("subscription shutdown");
-    }
+    bounded("subscription shutdown", sub.shutdown())
+        .await
+        .expect("subscription shutdown");
     bounded("the receiver's return after shutdown", receiver)
         .await
         .expect("receiver task");
@@ -484,8 +409,7 @@ where
 
     let got = received.lock().unwrap();
     let duplicates: usize = got.values().map(|c| c - 1).sum();
-    let duplicate_bound =
-        duplicate_bound.unwrap_or_else(|| 2 * in_flight_window(&topic_caps, &sub_caps, senders));
+    let duplicate_bound = 2 * in_flight_window(&topic_caps, &sub_caps, senders);
     let report = FaultReport {
         sent: confirmed.len(),
         failed: failed.load(Ordering::Relaxed),
@@ -511,6 +435,20 @@ where
         report.duplicate_bound
     );
     report
+}
+
+/// How long a send may keep retrying: the core's default retry budget.
+const SEND_BUDGET: Duration = pubsub_core::DEFAULT_SEND_GIVE_UP;
+
+/// How long closing may take after the faults, however slow the backend.
+const CLOSE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Awaits `step`, panicking with its name if it takes over [`CLOSE_LIMIT`].
+async fn bounded<T>(what: &str, step: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(CLOSE_LIMIT, step).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} is stuck: no return within {CLOSE_LIMIT:?}"),
+    }
 }
 
 /// Aborts a task when dropped, as when its run panics.

@@ -152,18 +152,6 @@ pub trait Harness: Send + Sync + Sized + 'static {
     fn sent_id_is_received_id(&self) -> bool {
         true
     }
-
-    /// Whether a subscription handle closed on this backend may go on
-    /// taking messages for a while, so that one sent after a new handle
-    /// opened is held back from it: Google's Pub/Sub emulator hands
-    /// messages to a StreamingPull its client has closed, and they come
-    /// back only after their ack deadline and a redelivery backoff. Where
-    /// so, the cases that open a subscription again after closing it send
-    /// their sentinel again until one arrives, still failing on any other
-    /// message; elsewhere the first sentinel must arrive.
-    fn closed_handles_linger(&self) -> bool {
-        false
-    }
 }
 
 /// Connects a harness or panics with its message (how to start the backend).

@@ -90,23 +90,26 @@
 //!   abandons a stream being opened. Acks and lease extensions the client
 //!   could not send while a connection was down are dropped by it (it
 //!   tries each once a subchannel), so their messages come back: expect
-//!   duplicates after a network fault. Against the emulator, a cut
-//!   connection can also leave some messages late (see below);
+//!   duplicates after a network fault. Against an emulator without its
+//!   fix, a cut connection can also leave some messages late (see below);
 //!   `tests/faults.rs` says what was measured.
 //!
 //! # Against the emulator
-//! The emulator (0.8.20, in Google Cloud CLI 528) goes on handing messages
-//! to a StreamingPull for a while after its client closed it: those
-//! messages reach no one and come back only after their ack deadline and
-//! the emulator's redelivery backoff (20 to 50 s later in trials with a
-//! 10 s deadline), even when the new stream was opened by another client
-//! or the old client's connection was closed. Google's Python client does
-//! the same against it, so it is the emulator's, and Pub/Sub itself ends a
-//! stream when its client does. On the emulator, then, a subscription
-//! closed and opened again (or a stream the client reopened after a cut
-//! connection) can leave the first messages sent afterwards late; nothing
-//! is lost. The conformance harness says so
-//! (`Harness::closed_handles_linger`) only for the emulator.
+//! The emulator's jar (0.8.20, in Google Cloud CLI 528) mixes two gRPC
+//! versions: when a client resets a stream or its connection drops, the
+//! emulator's gRPC server fails (`NoSuchMethodError:
+//! io.grpc.InternalStatus.asRuntimeException` in its log) before the
+//! emulator learns the stream is gone. A StreamingPull its client closed
+//! then goes on taking messages, which reach no one and come back only
+//! after their ack deadline and a redelivery backoff (20 to 50 s later in
+//! trials with a 10 s deadline); Google's Python client sees the same.
+//! `scripts/backends up` starts the emulator with the missing method added
+//! (`scripts/pubsub-emulator-fix`), and messages sent after a close then
+//! reach the open stream at once. Against an emulator started otherwise, a
+//! subscription closed and opened again, or a stream the client reopened
+//! after a cut connection, can leave the first messages sent afterwards
+//! late; nothing is lost. Pub/Sub itself ends a stream when its client
+//! does.
 //!
 //! # Compared with the Go CDK
 //! - The Go CDK receives with unary Pull and sends its own

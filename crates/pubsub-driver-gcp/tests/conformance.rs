@@ -57,12 +57,6 @@ impl Harness for Gcp {
         Duration::from_secs(10)
     }
 
-    fn closed_handles_linger(&self) -> bool {
-        // The emulator goes on handing messages to a StreamingPull its
-        // client closed (see the crate docs); Pub/Sub itself does not.
-        matches!(self.0.endpoint, pubsub_driver_gcp::Endpoint::Emulator(_))
-    }
-
     async fn create_topic(&self, name: &str) -> Result<()> {
         self.0.create_topic(name).await.map_err(admin)
     }
