@@ -406,6 +406,22 @@ impl Message {
         self.receipt.is_some()
     }
 
+    /// Runs `first` once the backend accepted the message, before the
+    /// application's after-send hook, if any.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn also_after_send<F>(mut self, first: F) -> Self
+    where
+        F: Fn(&crate::Sent<'_>) + Send + Sync + 'static,
+    {
+        let hooks = self.hooks.get_or_insert_with(Box::default);
+        let then = hooks.after_send.take();
+        hooks.after_send = Some(Arc::new(move |sent| {
+            first(sent);
+            then.as_ref().map_or(Ok(()), |hook| hook(sent))
+        }));
+        self
+    }
+
     pub(crate) fn into_outgoing(self) -> OutgoingMessage {
         let mut this = self;
         if this.receipt.is_some() {

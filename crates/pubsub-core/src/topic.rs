@@ -186,6 +186,14 @@ impl Topic {
                 let mut message = message;
                 let fields = crate::trace::context_fields();
                 let size = message.set_trace_context(extra, &fields, size, &inner.caps);
+                // The id the backend gives the message, on the producer span
+                // as on the consumer's.
+                let span = producer.cloned().unwrap_or_else(tracing::Span::none);
+                let message = message.also_after_send(move |sent| {
+                    if let Some(id) = sent.id() {
+                        span.record("messaging.message.id", id);
+                    }
+                });
                 (message, size)
             }
             None => (message, size),

@@ -13,7 +13,8 @@
 //! in it. Both spans carry OpenTelemetry's messaging attributes
 //! (`messaging.system`, `messaging.destination.name` or
 //! `messaging.destination.subscription.name`, `messaging.operation.name`,
-//! `messaging.operation.type`, and `messaging.message.id` on receive).
+//! `messaging.operation.type`, and `messaging.message.id`: on send, the id
+//! the backend gave the message, where it gives one).
 //!
 //! The spans are `tracing` spans at `INFO` with target `pubsub_core::trace`;
 //! they become OpenTelemetry spans through a `tracing-opentelemetry` layer
@@ -142,6 +143,7 @@ pub(crate) fn producer_span(system: &'static str, topic: &str) -> Span {
         messaging.destination.name = topic,
         messaging.operation.name = "send",
         messaging.operation.type = "send",
+        messaging.message.id = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
     if !span.is_disabled() {

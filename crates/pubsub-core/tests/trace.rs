@@ -154,6 +154,11 @@ async fn one_trace_runs_from_the_producer_through_the_broker_to_the_consumer() {
     assert_eq!(string(producer, "messaging.operation.name"), "send");
     assert_eq!(string(producer, "messaging.operation.type"), "send");
     assert_eq!(
+        string(producer, "messaging.message.id"),
+        id,
+        "the producer span has the id the consumer sees"
+    );
+    assert_eq!(
         traceparent,
         format!(
             "00-{}-{}-01",
