@@ -125,6 +125,20 @@ impl FaultProxy {
         self.state.accepted.load(Ordering::Acquire)
     }
 
+    /// A fault for [`faults_lose_nothing`] that cuts every connection
+    /// through `proxy` each time, saying how many were open.
+    pub fn cutter(proxy: &Arc<FaultProxy>) -> impl FnMut(u32) -> CutFuture + Send + 'static {
+        let proxy = proxy.clone();
+        move |_| {
+            let p = proxy.clone();
+            Box::pin(async move {
+                let open = p.open_connections();
+                p.cut();
+                println!("cut {open} connections");
+            })
+        }
+    }
+
     fn lock_refuse(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.state
             .refuse_until
@@ -242,6 +256,9 @@ pub fn in_flight_window(topic: &Capabilities, sub: &Capabilities, senders: usize
     };
     sends + 2 * window + acks
 }
+
+/// What [`FaultProxy::cutter`]'s fault returns.
+pub type CutFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Sends `senders × per_sender` messages from `senders` tasks through
 /// `topic` while one task receives and acks them from `sub`, calls

@@ -276,16 +276,23 @@ mod tests {
         ::metrics::with_local_recorder(&r, || assert!(recording()));
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_round_trip_is_counted_with_its_labels() {
-        let recorder = DebuggingRecorder::new();
-        let _guard = ::metrics::set_default_local_recorder(&recorder);
+    /// A broker with topic `orders` and its subscription `billing`, and
+    /// the topic.
+    fn orders_for_billing() -> (Broker, crate::Topic) {
         let broker = Broker::new();
         broker.create_topic("orders").unwrap();
         broker
             .create_subscription("billing", "orders", Duration::from_secs(30))
             .unwrap();
         let topic = broker.topic("orders");
+        (broker, topic)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_round_trip_is_counted_with_its_labels() {
+        let recorder = DebuggingRecorder::new();
+        let _guard = ::metrics::set_default_local_recorder(&recorder);
+        let (broker, topic) = orders_for_billing();
         let sub = broker.subscription("billing");
         for i in 0..3 {
             topic.send(Message::new(format!("m{i}"))).await.unwrap();
@@ -358,12 +365,7 @@ mod tests {
     async fn handles_on_one_subscription_add_up_in_the_queue_depth() {
         let recorder = DebuggingRecorder::new();
         let _guard = ::metrics::set_default_local_recorder(&recorder);
-        let broker = Broker::new();
-        broker.create_topic("orders").unwrap();
-        broker
-            .create_subscription("billing", "orders", Duration::from_secs(30))
-            .unwrap();
-        let topic = broker.topic("orders");
+        let (broker, topic) = orders_for_billing();
         let (a, b) = (
             broker.subscription("billing"),
             broker.subscription("billing"),

@@ -128,14 +128,7 @@ async fn connections_cut_twice_through_a_proxy_lose_no_confirmed_message() {
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.addr().port())).unwrap();
     let connector = Connector::new(through.as_str()).unwrap();
-    let p = proxy.clone();
-    let fault: Fault = Box::new(move |_| {
-        let p = p.clone();
-        Box::pin(async move {
-            println!("cutting {} connections", p.open_connections());
-            p.cut();
-        })
-    });
+    let fault: Fault = Box::new(FaultProxy::cutter(&proxy));
     run("cut", Some(&connector), fault).await;
     assert!(
         proxy.accepted() >= 3,

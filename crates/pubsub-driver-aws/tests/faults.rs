@@ -63,15 +63,14 @@ async fn connections_cut_twice_lose_nothing() {
     )
     .await
     .unwrap();
-    let p = proxy.clone();
-    faults_lose_nothing(topic, sub, SENDERS, PER_SENDER, SETTLE, move |_| {
-        let p = p.clone();
-        Box::pin(async move {
-            let open = p.open_connections();
-            p.cut();
-            println!("cut {open} connections");
-        })
-    })
+    faults_lose_nothing(
+        topic,
+        sub,
+        SENDERS,
+        PER_SENDER,
+        SETTLE,
+        FaultProxy::cutter(&proxy),
+    )
     .await;
     assert!(
         proxy.accepted() >= 3,

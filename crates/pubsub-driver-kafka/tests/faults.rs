@@ -127,14 +127,7 @@ async fn connections_cut_twice_through_a_proxy_lose_nothing() {
     )
     .await
     .unwrap();
-    let p = proxy.clone();
-    let fault: Fault = Box::new(move |_| {
-        let p = p.clone();
-        Box::pin(async move {
-            println!("cutting {} connections", p.open_connections());
-            p.cut();
-        })
-    });
+    let fault: Fault = Box::new(FaultProxy::cutter(&proxy));
     faults_lose_nothing(topic, sub, 5, 2_000, Duration::from_secs(120), fault).await;
     assert!(
         proxy.accepted() >= 3,

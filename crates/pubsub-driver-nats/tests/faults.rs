@@ -76,20 +76,12 @@ async fn connections_cut_twice_lose_nothing() {
     let admin = context(&common::server()).await;
     let proxy = std::sync::Arc::new(FaultProxy::start(upstream()).await.expect("proxy"));
     let through = context(&format!("nats://{}", proxy.addr())).await;
-    let p = proxy.clone();
     run(
         &admin,
         &through,
         stream::StorageType::Memory,
         "cut",
-        move |_| {
-            let p = p.clone();
-            Box::pin(async move {
-                let open = p.open_connections();
-                p.cut();
-                println!("cut {open} connections");
-            })
-        },
+        FaultProxy::cutter(&proxy),
     )
     .await;
     assert!(

@@ -174,14 +174,7 @@ async fn connections_cut_twice_through_a_proxy_lose_nothing() {
             .expect("proxy"),
     );
     let through = Connector::new(&format!("redis://{}", proxy.addr())).unwrap();
-    let p = proxy.clone();
-    let fault: Fault = Box::new(move |_| {
-        let p = p.clone();
-        Box::pin(async move {
-            println!("cutting {} connections", p.open_connections());
-            p.cut();
-        })
-    });
+    let fault: Fault = Box::new(FaultProxy::cutter(&proxy));
     run(&mut admin, &through, "cut", fault).await;
     assert!(
         proxy.accepted() >= 4,
