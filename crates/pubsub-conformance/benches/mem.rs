@@ -5,7 +5,11 @@
 //! `-- row TOPICS SENDERS RECEIVERS` runs one row of the matrix (for a
 //! profiler). With `PUBSUB_BENCH_RECORDER=1` a metrics recorder
 //! (metrics-util's in-memory one) is installed first, to measure what
-//! recording costs.
+//! recording costs; with `PUBSUB_BENCH_TRACER=R` a `tracing-opentelemetry`
+//! layer over an OpenTelemetry SDK tracer that samples a ratio R of traces
+//! (1: every one) and exports none, to measure what tracing costs (each
+//! send a producer span and a `traceparent`, each delivery a consumer
+//! span).
 
 use std::time::{Duration, Instant};
 
@@ -169,6 +173,30 @@ fn main() {
             .install()
             .expect("no recorder was installed before");
         eprintln!("metrics recorder installed");
+    }
+    let sampled = std::env::var("PUBSUB_BENCH_TRACER")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| *r > 0.0);
+    if let Some(ratio) = sampled {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::Sampler;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let sampler = if ratio >= 1.0 {
+            Sampler::AlwaysOn
+        } else {
+            Sampler::TraceIdRatioBased(ratio)
+        };
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_sampler(sampler)
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
+        tracing_subscriber::registry()
+            .with(layer)
+            .try_init()
+            .expect("no subscriber was installed before");
+        eprintln!("tracing-opentelemetry layer installed, sampling {ratio}");
     }
     let what: Vec<String> = std::env::args()
         .skip(1)
