@@ -900,15 +900,18 @@ impl KafkaSubscription {
                 full.add_partition(&part.topic, part.partition);
             }
         }
-        drop(t);
         if full.count() > 0 {
             // librdkafka drops what it fetched of a paused partition and
             // reads on from the last message handed out when it resumes.
+            // Paused with the tracker locked, as the store task resumes:
+            // a resume decided after this pause must not reach librdkafka
+            // before it, which left the partition paused for good.
             tracing::debug!(partitions = ?full, "pausing partitions with {max} deliveries waiting to be committed");
             if let Err(e) = self.consumer.pause(&full) {
                 tracing::warn!(error = %e, "pausing a partition failed");
             }
         }
+        drop(t);
     }
 
     /// The commit position of every partition this consumer holds, stored
@@ -988,13 +991,14 @@ async fn store_acked(
         // Under the lock, so stores land in the order they were computed.
         store(&*consumer, &tpl);
         let drained = t.drained(all);
-        drop(t);
+        // Resumed with the tracker locked, in order with the pauses.
         if drained.count() > 0 {
             tracing::debug!(partitions = ?drained, "resuming partitions");
             if let Err(e) = consumer.resume(&drained) {
                 tracing::warn!(error = %e, "resuming a partition failed");
             }
         }
+        drop(t);
     }
 }
 
