@@ -181,14 +181,17 @@ impl Topic {
         // Added after the checks, so that a message the application made
         // within the limits is never refused for the attributes added here.
         #[cfg(feature = "opentelemetry")]
-        let (message, size) = match producer.and_then(crate::trace::context_attributes) {
-            Some(extra) => {
+        let traced =
+            producer.and_then(|span| Some((span, crate::trace::context_attributes(span)?)));
+        #[cfg(feature = "opentelemetry")]
+        let (message, size) = match traced {
+            Some((span, extra)) => {
                 let mut message = message;
                 let fields = crate::trace::context_fields();
                 let size = message.set_trace_context(extra, &fields, size, &inner.caps);
                 // The id the backend gives the message, on the producer span
                 // as on the consumer's.
-                let span = producer.cloned().unwrap_or_else(tracing::Span::none);
+                let span = span.clone();
                 let message = message.also_after_send(move |sent| {
                     if let Some(id) = sent.id() {
                         span.record("messaging.message.id", id);
