@@ -18,6 +18,10 @@
 //! what it printed, closes the subscription and exits 0; a second Ctrl-C
 //! exits at once (130), leaving what was not acked to be redelivered.
 //!
+//! `send` and `receive` export their producer and consumer spans over OTLP
+//! (HTTP/protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` names a collector.
+//!
 //! An error is printed once, on standard error; the exit code says what
 //! kind it was ([`EXIT_CODES`], shown by `pubsub --help`).
 #![forbid(unsafe_code)]
@@ -39,7 +43,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
     0    done
     1    any failure not listed below
-    2    bad command line: an unknown flag, a malformed --attr or duration
+    2    bad command line: an unknown flag, a malformed --attr or duration,
+         an OTLP protocol other than http/protobuf
     3    the topic or subscription does not exist (NotFound)
     4    the backend refused the credentials (PermissionDenied)
     5    the request is wrong for this backend: a malformed or unknown URL, an
@@ -735,14 +740,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let traced = matches!(
-        cli.command,
-        Command::Send {
-            no_trace: false,
-            ..
+    let spans = match &cli.command {
+        Command::Send { no_trace, .. } => Spans::Producer { on: !no_trace },
+        Command::Receive { .. } => Spans::Consumer,
+        _ => Spans::None,
+    };
+    let tracer = match init_tracing(spans) {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
         }
-    );
-    let _tracer = init_tracing(traced);
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -753,7 +762,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    if let Some(tracer) = tracer {
+        tracer.finish();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
@@ -762,11 +775,113 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to standard error as `RUST_LOG` says; with `traced`, the core's
-/// producer spans also become OpenTelemetry spans, so each message sent
-/// carries a trace context. Nothing exports them: their ids are what the
-/// messages carry.
-fn init_tracing(traced: bool) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+/// Which of the core's spans a command makes.
+#[derive(Clone, Copy, Debug)]
+enum Spans {
+    /// `send`: a producer span a message, whose context the message
+    /// carries (unless `--no-trace`), exported where OTLP is configured.
+    Producer {
+        on: bool,
+    },
+    /// `receive`: a consumer span a message, made only to be exported.
+    Consumer,
+    None,
+}
+
+/// The OTLP endpoint the standard variables name, if any: the traces one,
+/// else the general one.
+fn otlp_endpoint() -> Option<String> {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// Refuses an OTLP protocol other than `http/protobuf`, the one this
+/// binary speaks (and OpenTelemetry's default).
+fn check_otlp_protocol() -> anyhow::Result<()> {
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Ok(p) = std::env::var(var) {
+            let p = p.trim();
+            if !p.is_empty() && p != "http/protobuf" {
+                bail!(
+                    "{var}={p:?}: this pubsub exports spans over OTLP as http/protobuf only \
+                     (a collector's port 4318); unset it or set http/protobuf"
+                );
+            }
+            // The traces variable, where set, overrides the general one.
+            if !p.is_empty() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tracer provider behind the command's spans, kept to end them.
+struct Tracer {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+    /// The collector's endpoint, where spans are exported.
+    endpoint: Option<String>,
+}
+
+impl Tracer {
+    /// Sends what spans are left before the process exits; a collector
+    /// that did not take them is worth a warning, not a failed command.
+    fn finish(self) {
+        if let Some(endpoint) = &self.endpoint {
+            if let Err(e) = self.provider.force_flush() {
+                eprintln!(
+                    "warning: spans not exported over OTLP: {}",
+                    without_password(&e.to_string(), endpoint)
+                );
+            }
+        }
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// `text` with the password of `endpoint`, if it has one, masked: the
+/// HTTP client's errors show the URL they were sent to.
+fn without_password(text: &str, endpoint: &str) -> String {
+    match pubsub_core::Url::parse(endpoint.trim()) {
+        Ok(url) => match url.password() {
+            Some(password) if !password.is_empty() => text.replace(password, "***"),
+            _ => text.to_owned(),
+        },
+        Err(_) => text.to_owned(),
+    }
+}
+
+/// The SDK's resource (from `OTEL_SERVICE_NAME` and
+/// `OTEL_RESOURCE_ATTRIBUTES`), named `pubsub` where they name no service.
+fn resource() -> opentelemetry_sdk::Resource {
+    let detected = opentelemetry_sdk::Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    if named {
+        detected
+    } else {
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name("pubsub")
+            .build()
+    }
+}
+
+/// Logs to standard error as `RUST_LOG` says, and makes the core's spans
+/// OpenTelemetry spans where `spans` asks for them. They are exported over
+/// OTLP (HTTP/protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` names a collector; the exporter's
+/// other standard variables (headers, timeout) and the SDK's (sampler,
+/// `OTEL_SERVICE_NAME`, default `pubsub`) apply. Without a collector,
+/// `send`'s spans are still made, for the context the messages carry.
+fn init_tracing(spans: Spans) -> anyhow::Result<Option<Tracer>> {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -775,18 +890,44 @@ fn init_tracing(traced: bool) -> Option<opentelemetry_sdk::trace::SdkTracerProvi
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(tracing_subscriber::EnvFilter::from_default_env());
-    let provider = traced.then(|| opentelemetry_sdk::trace::SdkTracerProvider::builder().build());
-    let otel = provider.as_ref().map(|p| {
+    let endpoint = otlp_endpoint();
+    let wanted = match spans {
+        Spans::Producer { on } => on,
+        Spans::Consumer => endpoint.is_some(),
+        Spans::None => false,
+    };
+    let tracer = if wanted {
+        let mut builder = opentelemetry_sdk::trace::SdkTracerProvider::builder();
+        if endpoint.is_some() {
+            check_otlp_protocol()?;
+            use opentelemetry_otlp::WithExportConfig as _;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .build()
+                .context("setting up the OTLP exporter")?;
+            builder = builder
+                .with_batch_exporter(exporter)
+                .with_resource(resource());
+        }
+        Some(Tracer {
+            provider: builder.build(),
+            endpoint,
+        })
+    } else {
+        None
+    };
+    let otel = tracer.as_ref().map(|t| {
         tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("pubsub"))
-            // The core's producer spans only.
+            .with_tracer(t.provider.tracer("pubsub"))
+            // The core's producer and consumer spans only.
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("pubsub_core::trace", tracing::Level::INFO),
             )
     });
     tracing_subscriber::registry().with(fmt).with(otel).init();
-    provider
+    Ok(tracer)
 }
 
 /// The error and its causes on one line. A `pubsub_core::Error` already
@@ -816,6 +957,19 @@ mod tests {
         assert_eq!(exit_code(&wrapped(ErrorKind::Unavailable)), 6);
         assert_eq!(exit_code(&timed_out("the send", Duration::from_secs(1))), 7);
         assert_eq!(exit_code(&anyhow::anyhow!("stdout closed")), 1);
+    }
+
+    #[test]
+    fn an_export_warning_shows_no_password() {
+        let endpoint = "http://user:s3cret@collector:4318";
+        let text = "error sending request for url (http://user:s3cret@collector:4318/v1/traces)";
+        let shown = without_password(text, endpoint);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("user:***@collector"), "{shown}");
+        assert_eq!(
+            without_password("refused", "http://collector:4318"),
+            "refused"
+        );
     }
 
     #[test]

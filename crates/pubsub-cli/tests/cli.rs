@@ -891,3 +891,235 @@ fn nats_send_then_receive_json() {
     assert_eq!(line["body"], "hi nats");
     assert_eq!(line["attributes"]["k"], "v");
 }
+
+/// A trace collector for the tests: an HTTP/1.1 server taking OTLP
+/// `http/protobuf` exports on `/v1/traces`, as a collector's port 4318
+/// does, keeping every span with its resource's `service.name`.
+struct Collector {
+    endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, Span)>>>,
+}
+
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+impl Collector {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let spans = std::sync::Arc::<std::sync::Mutex<Vec<(String, Span)>>>::default();
+        let kept = spans.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let kept = kept.clone();
+                std::thread::spawn(move || Self::serve(conn, &kept));
+            }
+        });
+        Collector { endpoint, spans }
+    }
+
+    /// One connection's requests, until the client closes it.
+    fn serve(conn: std::net::TcpStream, kept: &std::sync::Mutex<Vec<(String, Span)>>) {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        use std::io::{BufRead, Read, Write};
+        let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+        let mut conn = conn;
+        loop {
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                return;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                let header = header.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let status = if request_line.starts_with("POST /v1/traces ") {
+                let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                let mut kept = kept.lock().unwrap();
+                for rs in request.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|kv| kv.key == "service.name")
+                        .map(|kv| any_value_text(kv.value.as_ref()))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        kept.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+                    }
+                }
+                "200 OK"
+            } else {
+                "404 Not Found"
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
+            );
+            if conn.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The spans collected so far, as (service name, span).
+    fn spans(&self) -> Vec<(String, Span)> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+fn any_value_text(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+/// A span's attribute, as text.
+fn span_attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(|kv| any_value_text(kv.value.as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `send` and `receive` export their spans to the collector
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` names: one trace from the producer's span,
+/// whose context the message carried through RabbitMQ, to the consumer's.
+#[cfg(feature = "amqp")]
+#[test]
+fn rabbit_send_and_receive_export_one_trace_over_otlp() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, name, _conn) = rabbit_queue(&rt, "otlp");
+    let target = format!("rabbit://{name}");
+    let collector = Collector::start();
+    let env = [
+        ("RABBIT_SERVER_URL", url.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+    ];
+    let line = send_then_receive_json(&env, &target, &target, "traced");
+    let id = line["id"].as_str().unwrap().to_owned();
+    let traceparent = line["attributes"]["traceparent"].as_str().unwrap();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (trace_id, producer_id) = (parts[1], parts[2]);
+
+    // Each command flushed its spans before exiting.
+    let spans = collector.spans();
+    let of_kind = |kind: SpanKind| -> Vec<&(String, Span)> {
+        spans
+            .iter()
+            .filter(|(_, s)| s.kind == kind as i32)
+            .collect()
+    };
+    let (producers, consumers) = (of_kind(SpanKind::Producer), of_kind(SpanKind::Consumer));
+    assert_eq!(producers.len(), 1, "{spans:#?}");
+    assert_eq!(consumers.len(), 1, "{spans:#?}");
+    let (service, producer) = producers[0];
+    assert_eq!(service, "pubsub");
+    assert_eq!(producer.name, format!("send {name}"));
+    assert_eq!(
+        hex(&producer.trace_id),
+        trace_id,
+        "the context sent is the span's"
+    );
+    assert_eq!(hex(&producer.span_id), producer_id);
+    assert_eq!(
+        span_attribute(producer, "messaging.system").as_deref(),
+        Some("rabbitmq")
+    );
+    assert_eq!(
+        span_attribute(producer, "messaging.message.id"),
+        Some(id.clone())
+    );
+
+    let (service, consumer) = consumers[0];
+    assert_eq!(service, "pubsub");
+    assert_eq!(consumer.name, format!("process {name}"));
+    assert_eq!(
+        hex(&consumer.trace_id),
+        trace_id,
+        "one trace across the broker"
+    );
+    assert_eq!(hex(&consumer.parent_span_id), producer_id);
+    assert!(
+        consumer
+            .links
+            .iter()
+            .any(|l| hex(&l.span_id) == producer_id),
+        "linked to the producer: {consumer:#?}"
+    );
+    assert_eq!(span_attribute(consumer, "messaging.message.id"), Some(id));
+    assert_eq!(
+        span_attribute(consumer, "pubsub.settlement").as_deref(),
+        Some("ack")
+    );
+}
+
+/// An OTLP protocol the binary does not speak is a configuration error
+/// (exit 2) that says what it takes, before anything is sent.
+#[test]
+fn an_otlp_protocol_other_than_http_protobuf_is_refused() {
+    let collector = Collector::start();
+    let out = pubsub()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .args(["send", "mem://otlp-grpc", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("http/protobuf"), "{stderr}");
+    // The traces variable overrides the general one, as the SDKs read it.
+    let out = pubsub()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        .args(["send", "mem://otlp-grpc", "x"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert_eq!(collector.spans().len(), 1, "the send's producer span");
+}
+
+/// A collector that is not there costs the command a warning, not its
+/// exit code: the message was sent.
+#[test]
+fn an_unreachable_collector_is_a_warning() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = pubsub()
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .args(["send", "mem://otlp-nowhere", "x"])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spans not exported over OTLP"), "{stderr}");
+}
