@@ -9,7 +9,8 @@
 //! layer over an OpenTelemetry SDK tracer that samples a ratio R of traces
 //! (1: every one) and exports none, to measure what tracing costs (each
 //! send a producer span and a `traceparent`, each delivery a consumer
-//! span).
+//! span); `PUBSUB_BENCH_TRACER_LAYER=lean` sets that layer up lean (the
+//! core's spans only, without the layer's per-span extras).
 
 use std::time::{Duration, Instant};
 
@@ -192,11 +193,33 @@ fn main() {
             .with_sampler(sampler)
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
+        // `lean`: only the core's producer and consumer spans, without the
+        // layer's extras (thread, source location, target and busy/idle
+        // time, each paid a span); otherwise the layer as it comes.
+        let lean = std::env::var("PUBSUB_BENCH_TRACER_LAYER").is_ok_and(|v| v == "lean");
+        let layer = if lean {
+            use tracing_subscriber::Layer as _;
+            layer
+                .with_threads(false)
+                .with_location(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_filter(tracing_subscriber::filter::Targets::new().with_target(
+                    "pubsub_core::trace",
+                    tracing_subscriber::filter::LevelFilter::INFO,
+                ))
+                .boxed()
+        } else {
+            tracing_subscriber::Layer::boxed(layer)
+        };
         tracing_subscriber::registry()
             .with(layer)
             .try_init()
             .expect("no subscriber was installed before");
-        eprintln!("tracing-opentelemetry layer installed, sampling {ratio}");
+        eprintln!(
+            "tracing-opentelemetry layer installed ({}), sampling {ratio}",
+            if lean { "lean" } else { "as it comes" }
+        );
     }
     let what: Vec<String> = std::env::args()
         .skip(1)

@@ -482,32 +482,33 @@ impl Message {
         let Some(r) = self.receipt.as_mut() else {
             return;
         };
-        if !r.sub.trace {
+        let Some(name) = r.sub.trace.as_deref() else {
             return;
-        }
+        };
         let d = &r.sub.driver;
         let system = r.sub.caps.messaging_system_or(d.driver_name());
-        let span = crate::trace::consumer_span(system, d.resource(), &self.attributes, || {
-            r.id().to_owned()
-        });
+        let span =
+            crate::trace::consumer_span(name, system, d.resource(), &self.attributes, || {
+                r.id().to_owned()
+            });
         r.span = span;
     }
 
-    /// Puts `extra`, the attributes carrying a send's trace context, in
+    /// Moves `extra`, the attributes carrying a send's trace context, in
     /// place of any trace attributes (`fields`) the message carries, where
     /// the backend's limits leave room; `size` is the message's size now.
     /// Returns the size after.
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn set_trace_context(
         &mut self,
-        extra: crate::Attributes,
-        fields: &[String],
+        extra: &mut crate::Attributes,
+        fields: &[&str],
         size: usize,
         caps: &crate::Capabilities,
     ) -> usize {
         let stale = fields
             .iter()
-            .filter_map(|f| self.attributes.get_key_value(f.as_str()));
+            .filter_map(|f| self.attributes.get_key_value(*f));
         let (stale_count, stale_bytes) =
             stale.fold((0, 0), |(n, b), (k, v)| (n + 1, b + k.len() + v.len()));
         let added: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -524,9 +525,9 @@ impl Message {
             return size;
         }
         for f in fields {
-            self.attributes.remove(f.as_str());
+            self.attributes.remove(*f);
         }
-        self.attributes.extend(extra);
+        self.attributes.append(extra);
         after
     }
 

@@ -33,9 +33,10 @@ struct Inner {
     labels: Labels,
     sent: ::metrics::Counter,
     send_duration: ::metrics::Histogram,
-    /// Whether sends run in producer spans that carry their context.
+    /// The producer span's name (`send <topic>`) where sends run in
+    /// producer spans that carry their context; made once, not a send.
     #[cfg(feature = "opentelemetry")]
-    trace: bool,
+    trace: Option<Box<str>>,
 }
 
 impl Topic {
@@ -61,6 +62,8 @@ impl Topic {
                 metrics: labels.call("send"),
             }),
         );
+        #[cfg(feature = "opentelemetry")]
+        let trace = crate::trace::span_name(options.trace_context, "send", driver.resource());
         Topic {
             inner: Arc::new(Inner {
                 driver,
@@ -71,7 +74,7 @@ impl Topic {
                 send_duration: labels.histogram(crate::metric::SEND_DURATION),
                 labels,
                 #[cfg(feature = "opentelemetry")]
-                trace: options.trace_context,
+                trace,
             }),
         }
     }
@@ -86,8 +89,9 @@ impl Topic {
     pub async fn send(&self, message: Message) -> Result<()> {
         let inner = &*self.inner;
         #[cfg(feature = "opentelemetry")]
-        let producer = inner.trace.then(|| {
+        let producer = inner.trace.as_deref().map(|name| {
             crate::trace::producer_span(
+                name,
                 inner.caps.messaging_system_or(inner.driver.driver_name()),
                 inner.driver.resource(),
             )
@@ -185,10 +189,11 @@ impl Topic {
             producer.and_then(|span| Some((span, crate::trace::context_attributes(span)?)));
         #[cfg(feature = "opentelemetry")]
         let (message, size) = match traced {
-            Some((span, extra)) => {
+            Some((span, mut extra)) => {
                 let mut message = message;
-                let fields = crate::trace::context_fields();
-                let size = message.set_trace_context(extra, &fields, size, &inner.caps);
+                let size = crate::trace::with_context_fields(|fields| {
+                    message.set_trace_context(&mut extra, fields, size, &inner.caps)
+                });
                 // The id the backend gives the message, on the producer span
                 // as on the consumer's.
                 let span = span.clone();

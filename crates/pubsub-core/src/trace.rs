@@ -82,14 +82,25 @@ pub(crate) fn context_attributes(span: &Span) -> Option<Attributes> {
     (!extra.is_empty()).then_some(extra)
 }
 
-/// The attribute names trace context may travel in: W3C's and those of the
-/// global propagator, which a message sent on should not keep from before.
-pub(crate) fn context_fields() -> Vec<String> {
-    let mut names = vec![TRACEPARENT.to_owned(), TRACESTATE.to_owned()];
+/// Runs `f` on the attribute names trace context may travel in: W3C's and
+/// those of the global propagator, which a message sent on should not keep
+/// from before. Allocates only where the application set a propagator.
+pub(crate) fn with_context_fields<R>(mut f: impl FnMut(&[&str]) -> R) -> R {
     opentelemetry::global::get_text_map_propagator(|p| {
-        names.extend(p.fields().map(str::to_owned));
-    });
-    names
+        if is_set(p) {
+            let mut names = vec![TRACEPARENT, TRACESTATE];
+            names.extend(p.fields());
+            f(&names)
+        } else {
+            f(&[TRACEPARENT, TRACESTATE])
+        }
+    })
+}
+
+/// The name of the spans of one topic's sends or one subscription's
+/// deliveries (`send orders`), where `on`: made once, not a message.
+pub(crate) fn span_name(on: bool, operation: &str, resource: &str) -> Option<Box<str>> {
+    on.then(|| format!("{operation} {resource}").into_boxed_str())
 }
 
 /// Writes `cx` into `attributes` with the global propagator if one is set,
@@ -132,8 +143,8 @@ fn is_set(p: &dyn TextMapPropagator) -> bool {
     p.fields().next().is_some()
 }
 
-/// The producer span of one send.
-pub(crate) fn producer_span(system: &'static str, topic: &str) -> Span {
+/// The producer span of one send, named `name` (see [`span_name`]).
+pub(crate) fn producer_span(name: &str, system: &'static str, topic: &str) -> Span {
     let span = tracing::info_span!(
         "send",
         otel.name = tracing::field::Empty,
@@ -147,7 +158,7 @@ pub(crate) fn producer_span(system: &'static str, topic: &str) -> Span {
         error.type = tracing::field::Empty,
     );
     if !span.is_disabled() {
-        span.record("otel.name", format!("send {topic}"));
+        span.record("otel.name", name);
     }
     span
 }
@@ -158,9 +169,11 @@ pub(crate) fn failed(span: &Span, kind: &'static str) {
     span.record("error.type", kind);
 }
 
-/// The consumer span of one delivery: a child of the producer's span that
-/// `attributes` carry (and linked to it), else of the current span.
+/// The consumer span of one delivery, named `name` (see [`span_name`]): a
+/// child of the producer's span that `attributes` carry (and linked to it),
+/// else of the current span.
 pub(crate) fn consumer_span(
+    name: &str,
     system: &'static str,
     subscription: &str,
     attributes: &Attributes,
@@ -180,7 +193,7 @@ pub(crate) fn consumer_span(
     if span.is_disabled() {
         return span;
     }
-    span.record("otel.name", format!("process {subscription}"));
+    span.record("otel.name", name);
     span.record("messaging.message.id", id());
     if attributes.is_empty() {
         return span;
@@ -237,15 +250,7 @@ impl TextMapPropagator for W3c {
         if !sc.is_valid() {
             return;
         }
-        injector.set(
-            TRACEPARENT,
-            format!(
-                "00-{}-{}-{:02x}",
-                sc.trace_id(),
-                sc.span_id(),
-                sc.trace_flags() & TraceFlags::SAMPLED
-            ),
-        );
+        injector.set(TRACEPARENT, traceparent(sc));
         injector.set(TRACESTATE, sc.trace_state().header());
     }
 
@@ -263,12 +268,39 @@ impl TextMapPropagator for W3c {
     }
 }
 
+/// `00-<trace id>-<span id>-<flags>`, in lower-case hex: written by hand,
+/// as it is for every message sent, where formatting machinery costs more
+/// than the writing.
+fn traceparent(sc: &SpanContext) -> String {
+    fn hex(out: &mut String, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in bytes {
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
+    }
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    hex(&mut out, &sc.trace_id().to_bytes());
+    out.push('-');
+    hex(&mut out, &sc.span_id().to_bytes());
+    out.push('-');
+    hex(
+        &mut out,
+        &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
+    );
+    out
+}
+
 fn parse(extractor: &dyn Extractor) -> Option<SpanContext> {
     let header = extractor.get(TRACEPARENT)?.trim();
-    let parts: Vec<&str> = header.split_terminator('-').collect();
-    if parts.len() < 4 {
-        return None;
+    // The first four parts, and whether more follow, without collecting.
+    let mut split = header.split_terminator('-');
+    let mut parts = [""; 4];
+    for part in &mut parts {
+        *part = split.next()?;
     }
+    let more = split.next().is_some();
     let lower_hex = |s: &str, len: usize| {
         s.len() == len
             && s.bytes()
@@ -283,7 +315,7 @@ fn parse(extractor: &dyn Extractor) -> Option<SpanContext> {
     let version = u8::from_str_radix(parts[0], 16).ok()?;
     // Version 255 is invalid; version 0 has exactly four parts; later
     // versions may add parts after these four.
-    if version == 0xff || (version == 0 && parts.len() != 4) {
+    if version == 0xff || (version == 0 && more) {
         return None;
     }
     let trace_id = TraceId::from_hex(parts[1]).ok()?;

@@ -53,9 +53,10 @@ pub(crate) struct Receiver {
     /// The redelivery delay of a nacked message.
     pub(crate) nack_backoff: NackBackoff,
     metrics: ReceiveMetrics,
-    /// Whether received messages get consumer spans.
+    /// The consumer span's name (`process <subscription>`) where received
+    /// messages get consumer spans; made once, not a message.
     #[cfg(feature = "opentelemetry")]
-    pub(crate) trace: bool,
+    pub(crate) trace: Option<Box<str>>,
 }
 
 tokio::task_local! {
@@ -148,6 +149,8 @@ impl Receiver {
                 keeper_stop.subscribe(),
             ))
         });
+        #[cfg(feature = "opentelemetry")]
+        let trace = crate::trace::span_name(options.trace_context, "process", driver.resource());
         Arc::new(Receiver {
             driver,
             caps,
@@ -180,7 +183,7 @@ impl Receiver {
             drain_timeout: options.drain_timeout,
             nack_backoff: options.nack_backoff,
             #[cfg(feature = "opentelemetry")]
-            trace: options.trace_context,
+            trace,
             metrics: ReceiveMetrics::new(&labels),
         })
     }
