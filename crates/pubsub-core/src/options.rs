@@ -22,6 +22,10 @@ pub struct BatchOptions {
     /// How long a batch short of the maximum waits for more items before
     /// the backend call; zero calls at once.
     pub linger: Option<Duration>,
+    /// Whether a handler that has finished a call waits briefly for the
+    /// items it answered to come back before it takes the next batch (see
+    /// [`BatchLimits::refill`]).
+    pub refill: Option<bool>,
 }
 
 impl BatchOptions {
@@ -55,6 +59,13 @@ impl BatchOptions {
         self
     }
 
+    /// Sets whether a handler waits for the items it answered to come
+    /// back (see [`BatchLimits::refill`]).
+    pub fn with_refill(mut self, refill: bool) -> Self {
+        self.refill = Some(refill);
+        self
+    }
+
     /// The limits in force: the user's choice within the driver's limits.
     pub fn merge(&self, driver: BatchLimits) -> BatchLimits {
         let max_batch_size = self
@@ -75,6 +86,7 @@ impl BatchOptions {
             max_batch_bytes,
             max_handlers: self.max_handlers.unwrap_or(driver.max_handlers).max(1),
             linger: self.linger.or(driver.linger).filter(|d| !d.is_zero()),
+            refill: self.refill.unwrap_or(driver.refill),
         }
     }
 }

@@ -38,7 +38,7 @@ use pubsub_driver_gcp::{
 const BODY: usize = 100;
 const TRIES: usize = 5;
 /// Concurrent senders and the messages a measured run sends.
-const SENDS: [(usize, usize); 3] = [(1, 500), (10, 4_000), (100, 20_000)];
+const SENDS: [(usize, usize); 3] = [(1, 1_500), (10, 20_000), (100, 100_000)];
 /// The raw publisher's batching settings tried for each row: a message
 /// count threshold of one (each message leaves at once), or of the number
 /// of senders (a request leaves when every sender has a message in it), or
@@ -83,6 +83,9 @@ fn topic_options() -> TopicOptions {
     }
     if let Some(ms) = env("PUBSUB_BENCH_LINGER_US") {
         batching = batching.with_linger(Duration::from_micros(ms));
+    }
+    if let Some(on) = env("PUBSUB_BENCH_REFILL") {
+        batching = batching.with_refill(on != 0);
     }
     TopicOptions::default().with_batching(batching)
 }

@@ -174,6 +174,23 @@ pub struct BatchLimits {
     /// whose delay nobody sees (Kafka acks only record offsets until the
     /// next periodic commit). Shutdown cuts the wait short.
     pub linger: Option<Duration>,
+    /// Whether a handler that has finished a call waits, briefly, for the
+    /// items it answered to come back before it takes the next batch. For
+    /// calls with a fixed cost a request (Pub/Sub's Publish): senders that
+    /// each await their send return together once answered, and a batch
+    /// taken as the first of them arrive leaves the rest for another
+    /// request. The wait is timed against the call it follows (it ends once
+    /// no item has arrived for a sixteenth of the call's time, and lasts
+    /// at most a quarter of it), so it never holds a batch long next to
+    /// what the call costs; as many items waiting as the call answered, a
+    /// full batch and shutdown end it at once. With refill, a call beyond
+    /// the first starts only for a full batch ([`max_batch_size`] items
+    /// waiting), and a send goes out in its sender's own task only when no
+    /// call is in flight: a few items wait for the call in flight instead
+    /// of paying for a request of their own.
+    ///
+    /// [`max_batch_size`]: Self::max_batch_size
+    pub refill: bool,
 }
 
 impl BatchLimits {
@@ -185,6 +202,7 @@ impl BatchLimits {
             max_batch_bytes: None,
             max_handlers,
             linger: None,
+            refill: false,
         }
     }
 
@@ -197,6 +215,13 @@ impl BatchLimits {
     /// Sets how long a batch short of the maximum waits for more items.
     pub const fn with_linger(mut self, linger: Duration) -> Self {
         self.linger = Some(linger);
+        self
+    }
+
+    /// Sets whether a handler waits for the items it answered to come back
+    /// (see [`refill`](Self::refill)).
+    pub const fn with_refill(mut self, refill: bool) -> Self {
+        self.refill = refill;
         self
     }
 }

@@ -4,7 +4,10 @@
 //! in flight and at least `min_batch_size` items wait, a handler task takes
 //! up to `max_batch_size` items (and `max_batch_bytes`) and hands them to the
 //! driver. So a lone item leaves at once, and batches form by themselves
-//! while the handlers are busy: no timer ever delays a send.
+//! while the handlers are busy: no timer ever delays a send. Where calls
+//! have a fixed cost a request, `BatchLimits::refill` has a handler wait a
+//! moment for the senders it answered, and a second call start only for a
+//! full batch.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,6 +76,9 @@ struct State<T> {
     /// takes everything, so a stream of items does not regrow one.
     spare: VecDeque<Entry<T>>,
     active: usize,
+    /// Items queued so far (wrapping): where calls refill, how a handler
+    /// counts the items that came back after its call.
+    added: u64,
     /// Set by `shutdown`: send what waits even below the minimum.
     flushing: bool,
     closed: bool,
@@ -102,6 +108,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             max_batch_bytes: limits.max_batch_bytes,
             max_handlers: limits.max_handlers.max(1),
             linger: limits.linger.filter(|d| !d.is_zero()),
+            refill: limits.refill,
         };
         Batcher {
             inner: Arc::new(Inner {
@@ -112,6 +119,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
                     pending: VecDeque::new(),
                     spare: VecDeque::new(),
                     active: 0,
+                    added: 0,
                     flushing: false,
                     closed: false,
                 }),
@@ -149,6 +157,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             }
             // A linger asks every item to wait for company, the first too.
             if st.active < self.inner.limits.max_handlers
+                && (st.active == 0 || !self.inner.limits.refill)
                 && st.pending.is_empty()
                 && self.inner.limits.min_batch_size <= 1
                 && self.inner.limits.linger.is_none()
@@ -157,6 +166,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
+                st.added = st.added.wrapping_add(1);
                 st.pending.push_back(Entry {
                     item: item.take().expect("not yet moved"),
                     size,
@@ -205,12 +215,15 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             return Err(Error::failed_precondition("already shut down"));
         }
         let queued = self.queued_at();
+        let before = st.pending.len();
         st.pending.extend(items.into_iter().map(|item| Entry {
             item,
             size: 0,
             reply: None,
             queued,
         }));
+        let n = st.pending.len() - before;
+        st.added = st.added.wrapping_add(n as u64);
         self.start_handlers(&mut st);
         Ok(())
     }
@@ -226,13 +239,14 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
         if st.closed {
             return Err(Error::failed_precondition("already shut down"));
         }
+        st.added = st.added.wrapping_add(1);
         st.pending.push_back(entry);
         self.start_handlers(&mut st);
         Ok(())
     }
 
     fn start_handlers(&self, st: &mut State<T>) {
-        while st.active < self.inner.limits.max_handlers && self.inner.ready(st) {
+        while self.inner.may_start(st) {
             self.inner.spawn_handler(st);
         }
     }
@@ -300,6 +314,20 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 >= min
     }
 
+    /// Whether another call may start now: a slot is free and a batch is
+    /// ready. Where calls refill, a call beyond the first starts only for a
+    /// full batch: a fixed cost a request makes a second request of a few
+    /// items cost nearly what the batch it leaves out would, so those wait
+    /// for the call in flight, which takes them as it ends.
+    fn may_start(&self, st: &State<T>) -> bool {
+        st.active < self.limits.max_handlers
+            && self.ready(st)
+            && (!self.limits.refill
+                || st.active == 0
+                || st.flushing
+                || st.pending.len() >= self.limits.max_batch_size)
+    }
+
     /// Called under the lock that every new item takes too, so the common
     /// case (all that waits fits one batch, no byte limit) swaps the queue
     /// out whole instead of walking it; withdrawn items are skipped when
@@ -342,7 +370,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 let inner = &self.0;
                 let mut st = inner.lock();
                 inner.leave(&mut st);
-                if inner.ready(&st) {
+                if inner.may_start(&st) {
                     inner.spawn_handler(&mut st);
                 }
             }
@@ -417,7 +445,16 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
             done = batch;
             let small = done.len() < SMALL_BATCH;
             if !done.is_empty() {
-                self.run(&mut done).await;
+                let started = self.limits.refill.then(|| {
+                    let awaited = done.iter().filter(|e| e.reply.is_some()).count();
+                    (std::time::Instant::now(), awaited)
+                });
+                let mut answered_at = None;
+                self.run(&mut done, &mut answered_at).await;
+                if let (Some((started, awaited)), Some(mark)) = (started, answered_at) {
+                    self.refill(started.elapsed(), awaited, mark).await;
+                    continue;
+                }
             }
             if small {
                 // A quick driver call (acks that are local bookkeeping)
@@ -426,6 +463,44 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 // one turn of the scheduler lets more join the next batch.
                 tokio::task::yield_now().await;
             }
+        }
+    }
+
+    /// After a call that took `call` and answered `answered` waiting
+    /// senders, lets them come back before the next batch is taken (see
+    /// [`BatchLimits::refill`]): turns of the scheduler, not a timer, since
+    /// the wait is far below a timer's millisecond and the answered senders
+    /// are ready to run. Ends as soon as as many items have been queued
+    /// since the answer (`added` was `mark` then).
+    async fn refill(&self, call: Duration, answered: usize, mark: u64) {
+        let enough = answered.max(1) as u64;
+        let quiet = call / 16;
+        let most = call / 4;
+        let start = std::time::Instant::now();
+        let mut seen = usize::MAX;
+        let mut grew = start;
+        loop {
+            let (waiting, back) = {
+                let st = self.lock();
+                if st.flushing {
+                    return;
+                }
+                (st.pending.len(), st.added.wrapping_sub(mark))
+            };
+            if back >= enough || waiting >= self.limits.max_batch_size {
+                return;
+            }
+            let now = std::time::Instant::now();
+            if waiting != seen {
+                seen = waiting;
+                grew = now;
+            } else if now - grew >= quiet {
+                return;
+            }
+            if now - start >= most {
+                return;
+            }
+            tokio::task::yield_now().await;
         }
     }
 
@@ -536,6 +611,75 @@ mod tests {
         b.shutdown().await;
     }
 
+    /// Senders that each await their send, on calls with a fixed cost:
+    /// with refill, once the first call is out every later batch holds
+    /// every sender (none goes alone in a second slot, none is left for
+    /// the next call because it came back a moment late).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refill_waits_for_the_answered_senders_to_come_back() {
+        const SENDERS: usize = 40;
+        const ROUNDS: usize = 6;
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        });
+        let limits = BatchLimits::new(1000, 2).with_refill(true);
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in 0..SENDERS {
+            let b = b.clone();
+            tasks.spawn(async move {
+                for r in 0..ROUNDS {
+                    b.send((s * ROUNDS + r) as u32, 1).await.unwrap();
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        b.shutdown().await;
+        let sizes: Vec<usize> = rec.batches.lock().unwrap().iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), SENDERS * ROUNDS);
+        // The first sender goes alone and the rest gather behind it; from
+        // then on every round is one call.
+        assert!(
+            sizes.len() <= ROUNDS + 2,
+            "{} calls for {ROUNDS} rounds: {sizes:?}",
+            sizes.len()
+        );
+        assert!(
+            sizes[2..sizes.len() - 1].iter().all(|&n| n >= SENDERS - 1),
+            "a round split across calls: {sizes:?}"
+        );
+    }
+
+    /// With refill, a second call starts for a full batch, and only then:
+    /// a few items wait for the call in flight.
+    #[tokio::test(start_paused = true)]
+    async fn refill_starts_a_second_call_only_for_a_full_batch() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        });
+        let limits = BatchLimits::new(10, 2).with_refill(true);
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        b.add_detached(0, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for i in 1..=5 {
+            b.add_detached(i, 1).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for i in 6..=10 {
+            b.add_detached(i, 1).unwrap();
+        }
+        // The first call ends at 21 ms; the second, started at 6 ms when
+        // ten waited, at 26 ms, before the first's end would have let it.
+        tokio::time::sleep(Duration::from_millis(22)).await;
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![0], (1..=10).collect::<Vec<_>>()]);
+        b.shutdown().await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lone_item_leaves_at_once_and_batches_form_while_busy() {
         let rec = Arc::new(Recorder {
@@ -565,6 +709,7 @@ mod tests {
             max_batch_bytes: Some(10),
             max_handlers: 1,
             linger: None,
+            refill: false,
         };
         let b = Batcher::new(limits, fast_retry(), rec.clone());
         let lone = b.add(1, 4).unwrap();

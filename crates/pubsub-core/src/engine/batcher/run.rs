@@ -44,8 +44,9 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// Hands one batch to the driver, retrying temporary failures of the
     /// items that failed, and reports each item's final result. Leaves
     /// `batch` empty. Withdrawn items are dropped here, before the driver
-    /// sees them.
-    pub(super) async fn run(&self, batch: &mut VecDeque<Entry<T>>) {
+    /// sees them. Where calls refill, `answered_at` gets the count of items
+    /// queued so far as the first call's results are about to be reported.
+    pub(super) async fn run(&self, batch: &mut VecDeque<Entry<T>>, answered_at: &mut Option<u64>) {
         let mut items = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for e in batch.drain(..) {
@@ -65,6 +66,9 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 Err(BatchError::All(e)) => (0..items.len()).map(|i| (i, e.clone())).collect(),
                 Err(BatchError::Items(f)) => f,
             };
+            if self.limits.refill && answered_at.is_none() {
+                *answered_at = Some(self.lock().added);
+            }
             if failed.is_empty() {
                 for (r, _) in replies {
                     self.report(r, Ok(()));
