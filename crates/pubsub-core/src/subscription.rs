@@ -76,6 +76,10 @@ impl Subscription {
     /// `FailedPrecondition` after `shutdown`, and with the first permanent
     /// receive or ack error, which fails the subscription for good.
     pub async fn receive(&self) -> Result<Message> {
+        // A queued message is handed out without waiting: like a Tokio
+        // channel's receive, this yields once the task's budget is spent,
+        // so a receive loop cannot starve the worker's other tasks.
+        tokio::task::consume_budget().await;
         // Under load a message is usually queued already: hand it out
         // without the receive call's debug span and the machinery of
         // waiting, whose setup and layers cost more than the hand-over

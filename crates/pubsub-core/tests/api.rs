@@ -377,3 +377,58 @@ async fn a_handler_can_shut_its_subscription_down() {
     assert_eq!(b.backlog("s").unwrap(), 0, "its ack was sent");
     topic.shutdown().await.unwrap();
 }
+
+/// Sends the in-memory broker takes at once, and receives of messages
+/// already queued, still let the worker's other tasks run: on a one-thread
+/// runtime a task that yields in a loop gets turns all through a send loop
+/// and a receive loop, not only when they wait.
+#[tokio::test(flavor = "current_thread")]
+async fn send_and_receive_loops_let_other_tasks_run() {
+    let b = Broker::new();
+    b.create_topic("t").unwrap();
+    b.create_subscription("s", "t", Duration::from_secs(30))
+        .unwrap();
+    let (topic, sub) = (b.topic("t"), b.subscription("s"));
+    const N: usize = 50_000;
+    let turns = Arc::new(AtomicUsize::new(0));
+    let ticker = tokio::spawn({
+        let turns = turns.clone();
+        async move {
+            loop {
+                turns.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // The most operations in a row with no turn for the other task.
+    let mut longest = 0;
+    let (mut run, mut seen) = (0, turns.load(Ordering::Relaxed));
+    for i in 0..N {
+        topic.send(Message::new(format!("m{i}"))).await.unwrap();
+        let now = turns.load(Ordering::Relaxed);
+        run = if now == seen { run + 1 } else { 1 };
+        seen = now;
+        longest = longest.max(run);
+    }
+    // Tokio's budget is 128 operations a turn.
+    assert!(
+        longest <= 256,
+        "{longest} sends in a row kept the other task waiting"
+    );
+
+    let (mut longest, mut run) = (0, 0);
+    for _ in 0..N {
+        sub.receive().await.unwrap().ack();
+        let now = turns.load(Ordering::Relaxed);
+        run = if now == seen { run + 1 } else { 1 };
+        seen = now;
+        longest = longest.max(run);
+    }
+    assert!(
+        longest <= 256,
+        "{longest} receives in a row kept the other task waiting"
+    );
+    ticker.abort();
+    topic.shutdown().await.unwrap();
+    sub.shutdown().await.unwrap();
+}

@@ -149,49 +149,65 @@ impl driver::Topic for TopicDriver {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
         let t = self.state()?;
         let first = t.next_seq.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let mut stored = Vec::with_capacity(batch.len());
+        let record = |m: &OutgoingMessage| Record {
+            body: m.body.clone(),
+            attributes: m.attributes.clone(),
+            ordering_key: m.ordering_key.clone(),
+        };
         let mut failed = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
-            let mut record = Record {
-                body: m.body.clone(),
-                attributes: m.attributes.clone(),
-                ordering_key: m.ordering_key.clone(),
-            };
-            match m.run_before_send(&mut record) {
-                Ok(()) => stored.push(Stored {
-                    seq: first + i as u64,
-                    record,
-                }),
-                Err(e) => failed.push((i, e)),
-            }
-        }
-        let hooked: Vec<u64> = stored
-            .iter()
-            .map(|m| m.seq)
-            .filter(|seq| batch[(seq - first) as usize].has_after_send())
-            .collect();
         {
-            // Each subscription keeps a copy of its own (a body is shared,
-            // attributes are copied), as a broker does: the last one takes
-            // the batch's, so one subscription costs no copy.
             let subs = t.subs.read().unwrap_or_else(|p| p.into_inner());
-            if let Some((last, others)) = subs.split_last() {
-                for s in others {
-                    lock(&s.q)
-                        .ready
-                        .extend(stored.iter().map(|m| (m.clone(), 0)));
-                    s.notify.notify_waiters();
+            match &subs[..] {
+                // Without hooks to run first (user code, not to be run under
+                // the queue's lock) the records go straight into the one
+                // subscription's queue: no batch of them is built.
+                [only] if batch.iter().all(|m| m.before_send.is_none()) => {
+                    let stored = batch.iter().zip(first..).map(|(m, seq)| Stored {
+                        seq,
+                        record: record(m),
+                    });
+                    lock(&only.q).ready.extend(stored.map(|m| (m, 0)));
+                    only.wake();
                 }
-                lock(&last.q)
-                    .ready
-                    .extend(stored.into_iter().map(|m| (m, 0)));
-                last.notify.notify_waiters();
+                subs => {
+                    let mut stored = Vec::with_capacity(batch.len());
+                    for (i, m) in batch.iter().enumerate() {
+                        let mut r = record(m);
+                        match m.run_before_send(&mut r) {
+                            Ok(()) => stored.push(Stored {
+                                seq: first + i as u64,
+                                record: r,
+                            }),
+                            Err(e) => failed.push((i, e)),
+                        }
+                    }
+                    // Each subscription keeps a copy of its own (a body is
+                    // shared, attributes are copied), as a broker does: the
+                    // last one takes the batch's.
+                    if let Some((last, others)) = subs.split_last() {
+                        for s in others {
+                            lock(&s.q)
+                                .ready
+                                .extend(stored.iter().map(|m| (m.clone(), 0)));
+                            s.wake();
+                        }
+                        lock(&last.q)
+                            .ready
+                            .extend(stored.into_iter().map(|m| (m, 0)));
+                        last.wake();
+                    }
+                }
             }
         }
-        for seq in hooked {
-            let i = (seq - first) as usize;
-            if let Err(e) = batch[i].run_after_send(|| Sent::new(&seq).with_id(seq.to_string())) {
-                failed.push((i, e));
+        if batch.iter().any(|m| m.has_after_send()) {
+            for (i, m) in batch.iter().enumerate() {
+                if !m.has_after_send() || failed.iter().any(|(f, _)| *f == i) {
+                    continue;
+                }
+                let seq = first + i as u64;
+                if let Err(e) = m.run_after_send(|| Sent::new(&seq).with_id(seq.to_string())) {
+                    failed.push((i, e));
+                }
             }
         }
         if failed.is_empty() {
@@ -327,6 +343,7 @@ impl driver::Subscription for SubscriptionDriver {
                     let n = max.min(q.ready.len());
                     let deadline = now + s.ack_deadline;
                     let mut out = Vec::with_capacity(n);
+                    let first_tag = q.next_tag;
                     for _ in 0..n {
                         let Some((msg, attempts)) = q.ready.pop_front() else {
                             break;
@@ -334,7 +351,6 @@ impl driver::Subscription for SubscriptionDriver {
                         let tag = q.next_tag;
                         q.next_tag += 1;
                         let attempt = attempts + 1;
-                        q.deadlines.push(Reverse((deadline, tag)));
                         let r = &msg.record;
                         // The id and raw form are built by `MemDeliveries`
                         // when asked: most messages are never asked about.
@@ -356,6 +372,8 @@ impl driver::Subscription for SubscriptionDriver {
                             },
                         );
                     }
+                    let end = q.next_tag;
+                    q.record_received(deadline, first_tag, end);
                     return Ok(out);
                 }
                 let waited = now.saturating_duration_since(started);

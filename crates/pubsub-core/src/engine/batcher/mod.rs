@@ -149,6 +149,11 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
     /// the item queues for the next batch, and dropping the future before
     /// that batch leaves withdraws it.
     pub(crate) async fn send(&self, item: T, size: usize) -> Result<()> {
+        // A send the driver takes at once never waits, so a task sending in
+        // a loop would keep its worker from every other task (receivers
+        // included) until it stopped: it yields when its budget is spent,
+        // as a send on a Tokio channel does.
+        tokio::task::consume_budget().await;
         let mut item = Some(item);
         let inline = {
             let mut st = self.inner.lock();
