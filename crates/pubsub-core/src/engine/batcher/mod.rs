@@ -188,9 +188,11 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
                 // Releases the slot however this future ends, including
                 // being dropped mid-call.
                 let _slot = Slot(self);
+                // By reference: the item stays where it is instead of
+                // being moved into a second future.
                 return self
                     .inner
-                    .run_one(item.take().expect("not yet moved"))
+                    .run_one(item.as_ref().expect("not yet moved"))
                     .await;
             }
         };

@@ -14,8 +14,8 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// Hands one item to the driver in the caller's task, retrying a
     /// temporary failure, and returns its result: the batch of one that a
     /// lone send makes needs no queue, reply channel or result vectors.
-    pub(super) async fn run_one(&self, item: T) -> Result<()> {
-        let batch = std::slice::from_ref(&item);
+    pub(super) async fn run_one(&self, item: &T) -> Result<()> {
+        let batch = std::slice::from_ref(item);
         // Read at the first failure, not before every call: a clock read
         // was a fiftieth of an in-memory send. The first call's own time
         // is then not counted, which a call bounded by its driver's
