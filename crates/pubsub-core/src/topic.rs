@@ -88,14 +88,20 @@ impl Topic {
     /// the message; after that it may still be delivered.
     pub async fn send(&self, message: Message) -> Result<()> {
         let inner = &*self.inner;
+        // Without a subscriber that could take it, no producer span is
+        // made (the check its macro makes first, made before the rest).
         #[cfg(feature = "opentelemetry")]
-        let producer = inner.trace.as_deref().map(|name| {
-            crate::trace::producer_span(
-                name,
-                inner.caps.messaging_system_or(inner.driver.driver_name()),
-                inner.driver.resource(),
-            )
-        });
+        let producer = inner
+            .trace
+            .as_deref()
+            .filter(|_| tracing::Level::INFO <= tracing::level_filters::LevelFilter::current())
+            .map(|name| {
+                crate::trace::producer_span(
+                    name,
+                    inner.caps.messaging_system_or(inner.driver.driver_name()),
+                    inner.driver.resource(),
+                )
+            });
         #[cfg(feature = "opentelemetry")]
         let span = producer.clone().unwrap_or_else(|| self.send_span());
         #[cfg(not(feature = "opentelemetry"))]
