@@ -139,7 +139,11 @@ impl<V> TokenMap<V> {
                 self.window.pop_front();
                 self.base += 1;
             }
-            if self.window.len() < COMPACT_FROM || self.window.len() <= 8 * self.live {
+            if self.window.is_empty() && self.window.capacity() > 4 * COMPACT_FROM {
+                // A burst's slots are not kept for good.
+                self.window.shrink_to(COMPACT_FROM);
+            }
+            if self.window.len() < COMPACT_FROM || self.window.len() <= 4 * self.live {
                 return;
             }
             if let Some(Some(v)) = self.window.pop_front() {

@@ -432,3 +432,35 @@ async fn send_and_receive_loops_let_other_tasks_run() {
     topic.shutdown().await.unwrap();
     sub.shutdown().await.unwrap();
 }
+
+/// A before-send hook runs before the in-memory broker takes its locks: one
+/// that opens a subscription on the topic it is sent to does not deadlock.
+#[test]
+fn a_before_send_hook_may_open_a_subscription() {
+    let (done, finished) = std::sync::mpsc::channel();
+    // Its own thread, so a deadlock fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let b = Broker::new();
+            b.create_topic("t").unwrap();
+            b.create_subscription("s", "t", Duration::from_secs(30))
+                .unwrap();
+            let topic = b.topic("t");
+            let opener = b.clone();
+            let m = Message::new("m").with_before_send(move |_| {
+                opener.create_subscription("late", "t", Duration::from_secs(30))
+            });
+            topic.send(m).await.unwrap();
+            topic.shutdown().await.unwrap();
+            assert_eq!(b.backlog("s").unwrap(), 1);
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(WAIT)
+        .expect("a send whose before-send hook opens a subscription never returned");
+}

@@ -155,13 +155,29 @@ impl driver::Topic for TopicDriver {
             ordering_key: m.ordering_key.clone(),
         };
         let mut failed = Vec::new();
+        // Hooks are user code: they run before any broker lock is taken
+        // (one that opened or deleted a subscription would deadlock).
+        let hooked = batch.iter().any(|m| m.before_send.is_some());
+        let mut stored = Vec::new();
+        if hooked {
+            stored.reserve(batch.len());
+            for (i, m) in batch.iter().enumerate() {
+                let mut r = record(m);
+                match m.run_before_send(&mut r) {
+                    Ok(()) => stored.push(Stored {
+                        seq: first + i as u64,
+                        record: r,
+                    }),
+                    Err(e) => failed.push((i, e)),
+                }
+            }
+        }
         {
             let subs = t.subs.read().unwrap_or_else(|p| p.into_inner());
             match &subs[..] {
-                // Without hooks to run first (user code, not to be run under
-                // the queue's lock) the records go straight into the one
+                // Without hooks the records go straight into the one
                 // subscription's queue: no batch of them is built.
-                [only] if batch.iter().all(|m| m.before_send.is_none()) => {
+                [only] if !hooked => {
                     let stored = batch.iter().zip(first..).map(|(m, seq)| Stored {
                         seq,
                         record: record(m),
@@ -170,16 +186,15 @@ impl driver::Topic for TopicDriver {
                     only.wake();
                 }
                 subs => {
-                    let mut stored = Vec::with_capacity(batch.len());
-                    for (i, m) in batch.iter().enumerate() {
-                        let mut r = record(m);
-                        match m.run_before_send(&mut r) {
-                            Ok(()) => stored.push(Stored {
-                                seq: first + i as u64,
-                                record: r,
-                            }),
-                            Err(e) => failed.push((i, e)),
-                        }
+                    if !hooked {
+                        stored = batch
+                            .iter()
+                            .zip(first..)
+                            .map(|(m, seq)| Stored {
+                                seq,
+                                record: record(m),
+                            })
+                            .collect();
                     }
                     // Each subscription keeps a copy of its own (a body is
                     // shared, attributes are copied), as a broker does: the
@@ -200,8 +215,15 @@ impl driver::Topic for TopicDriver {
             }
         }
         if batch.iter().any(|m| m.has_after_send()) {
+            // `failed` holds only before-send failures here, in order.
+            let refused = failed.len();
+            let mut next_refused = 0;
             for (i, m) in batch.iter().enumerate() {
-                if !m.has_after_send() || failed.iter().any(|(f, _)| *f == i) {
+                if next_refused < refused && failed[next_refused].0 == i {
+                    next_refused += 1;
+                    continue;
+                }
+                if !m.has_after_send() {
                     continue;
                 }
                 let seq = first + i as u64;
@@ -336,8 +358,10 @@ impl driver::Subscription for SubscriptionDriver {
                         self.name
                     )));
                 }
-                let now = Instant::now();
                 let mut q = lock(&s.q);
+                // Read under the lock: two receives may race for it, and
+                // the batches' deadlines must be queued in time order.
+                let now = Instant::now();
                 q.reap(now);
                 if !q.ready.is_empty() {
                     let n = max.min(q.ready.len());

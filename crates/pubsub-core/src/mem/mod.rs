@@ -151,9 +151,10 @@ struct SubQueue {
     ready: VecDeque<(Stored, u32)>,
     outstanding: TokenMap<Outstanding>,
     /// The deadlines of received batches, oldest first: a batch's tags run
-    /// on from `first` and share the deadline it was received with, and
-    /// receive times only grow, so these need no heap (a heap push a
-    /// message cost a twentieth of the many-topic rows of the benchmark).
+    /// on from `first` and share the deadline it was received with, read
+    /// under the queue's lock, so they only grow and need no heap (a heap
+    /// push a message cost a twentieth of the many-topic rows of the
+    /// benchmark).
     received: VecDeque<BatchDeadline>,
     /// Deadlines set out of that order (extended leases, delayed nacks).
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -206,6 +207,18 @@ impl SubQueue {
                 self.ready.push_front((o.msg, o.attempts));
             }
         }
+        // A delivery held at the front keeps every batch behind it queued,
+        // settled or not: once they outnumber the outstanding deliveries,
+        // its tag moves to the heap (same order there) and the settled ones
+        // behind it go.
+        while self.received.len() > self.outstanding.len() + 1024 {
+            let Some(b) = self.received.front() else {
+                break;
+            };
+            self.deadlines.push(Reverse((b.deadline, b.first)));
+            self.pop_received_tag();
+            self.skip_settled_received();
+        }
         // Acked deliveries leave stale deadline entries behind; drop them
         // once they outnumber live ones so memory follows the backlog.
         if self.deadlines.len() > 2 * self.outstanding.len() + 1024 {
@@ -234,8 +247,8 @@ impl SubQueue {
 
     /// Drops the leading tags of the oldest batches that were settled (or
     /// given another deadline): acks come mostly in the order of receipt,
-    /// so this keeps the batches that are left about as many as those
-    /// with a message outstanding.
+    /// so this usually leaves few batches ahead of the first outstanding
+    /// delivery (`reap` bounds the rest).
     fn skip_settled_received(&mut self) {
         while let Some(b) = self.received.front() {
             if self.is_due(b.first, b.deadline) {
@@ -485,5 +498,92 @@ impl SubState {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.notify.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(seq: u64) -> Stored {
+        Stored {
+            seq,
+            record: Record {
+                body: Bytes::new(),
+                attributes: Attributes::new(),
+                ordering_key: None,
+            },
+        }
+    }
+
+    /// Hands out `n` queued-in-place deliveries as one batch with
+    /// `deadline`, as `receive_batch` does; returns their tags.
+    fn receive(q: &mut SubQueue, n: u64, deadline: Instant) -> std::ops::Range<u64> {
+        let first = q.next_tag;
+        for _ in 0..n {
+            let tag = q.next_tag;
+            q.next_tag += 1;
+            let o = Outstanding {
+                msg: stored(tag),
+                attempts: 1,
+                deadline,
+            };
+            q.outstanding.insert(tag, o);
+        }
+        q.record_received(deadline, first, q.next_tag);
+        first..q.next_tag
+    }
+
+    /// One delivery held at the front while thousands of batches behind it
+    /// are received and acked keeps no entry a batch for them; it still
+    /// comes back at its deadline, once.
+    #[test]
+    fn a_delivery_held_at_the_front_does_not_keep_every_batch_behind_it() {
+        let mut q = SubQueue::default();
+        let t0 = Instant::now();
+        let deadline = Duration::from_secs(60);
+        let held = receive(&mut q, 1, t0 + deadline).start;
+        for i in 0..20_000u64 {
+            let now = t0 + Duration::from_micros(i);
+            q.reap(now);
+            for tag in receive(&mut q, 2, now + deadline) {
+                q.outstanding.remove(&tag);
+            }
+        }
+        q.reap(t0 + Duration::from_millis(30));
+        assert!(
+            q.received.len() + q.deadlines.len() <= 2_100,
+            "{} batch entries and {} heap entries for one outstanding delivery",
+            q.received.len(),
+            q.deadlines.len()
+        );
+        q.reap(t0 + deadline + Duration::from_secs(1));
+        let back: Vec<u64> = q.ready.iter().map(|(m, _)| m.seq).collect();
+        assert_eq!(back, [held]);
+        assert_eq!(q.outstanding.len(), 0);
+    }
+
+    /// Redeliveries come earliest deadline first (then by tag), whether a
+    /// deadline came with its batch or from an extension.
+    #[test]
+    fn redeliveries_follow_the_deadlines_across_batches_and_extensions() {
+        let mut q = SubQueue::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let a = receive(&mut q, 3, t0 + s(10)); // 0, 1, 2
+        let b = receive(&mut q, 2, t0 + s(20)); // 3, 4
+                                                // Tag 1 extended past tag 3's deadline, tag 4 brought before tag 0's.
+        for (tag, due) in [(a.start + 1, t0 + s(25)), (b.start + 1, t0 + s(5))] {
+            q.outstanding.get_mut(&tag).unwrap().deadline = due;
+            q.deadlines.push(Reverse((due, tag)));
+        }
+        q.outstanding.remove(&(a.start + 2));
+        q.reap(t0 + s(30));
+        // Each is pushed to the front as it comes due: the latest is first.
+        let order: Vec<u64> = q.ready.iter().map(|(m, _)| m.seq).collect();
+        assert_eq!(order, [1, 3, 0, 4]);
+        assert_eq!(q.outstanding.len(), 0);
+        q.reap(t0 + s(60));
+        assert_eq!(q.ready.len(), 4, "each came back once");
     }
 }

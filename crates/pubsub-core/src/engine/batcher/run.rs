@@ -16,11 +16,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// lone send makes needs no queue, reply channel or result vectors.
     pub(super) async fn run_one(&self, item: &T) -> Result<()> {
         let batch = std::slice::from_ref(item);
-        // Read at the first failure, not before every call: a clock read
-        // was a fiftieth of an in-memory send. The first call's own time
-        // is then not counted, which a call bounded by its driver's
-        // timeout makes small against the limit.
-        let mut started = None;
+        let started = self.retry.started();
         let mut attempt = 0u32;
         loop {
             let e = match self.handler.handle(batch).await {
@@ -35,9 +31,6 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 return Err(e);
             }
             let wait = self.retry.backoff(attempt);
-            if attempt == 0 {
-                started = self.retry.started();
-            }
             if let Some(gave_up) = self.retry.give_up(started, wait, attempt + 1, &e) {
                 return Err(gave_up);
             }
