@@ -479,10 +479,7 @@ impl Message {
     /// application's context on every path.
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn start_span(&mut self) {
-        // The check the span macro makes first, made before the receipt and
-        // its subscription are read: without a subscriber that could take
-        // the span, that reading was a fiftieth of a delivery.
-        if tracing::Level::INFO > tracing::level_filters::LevelFilter::current() {
+        if !crate::trace::spans_wanted() {
             return;
         }
         let Some(r) = self.receipt.as_mut() else {

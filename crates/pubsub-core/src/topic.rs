@@ -88,13 +88,11 @@ impl Topic {
     /// the message; after that it may still be delivered.
     pub async fn send(&self, message: Message) -> Result<()> {
         let inner = &*self.inner;
-        // Without a subscriber that could take it, no producer span is
-        // made (the check its macro makes first, made before the rest).
         #[cfg(feature = "opentelemetry")]
         let producer = inner
             .trace
             .as_deref()
-            .filter(|_| tracing::Level::INFO <= tracing::level_filters::LevelFilter::current())
+            .filter(|_| crate::trace::spans_wanted())
             .map(|name| {
                 crate::trace::producer_span(
                     name,

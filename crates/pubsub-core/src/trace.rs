@@ -97,6 +97,14 @@ pub(crate) fn with_context_fields<R>(mut f: impl FnMut(&[&str]) -> R) -> R {
     })
 }
 
+/// Whether a subscriber could take the library's spans: the check their
+/// macro makes first, made before anything a span needs is read (without
+/// a subscriber, that reading was a fiftieth of a delivery).
+#[inline]
+pub(crate) fn spans_wanted() -> bool {
+    tracing::Level::INFO <= tracing::level_filters::LevelFilter::current()
+}
+
 /// The name of the spans of one topic's sends or one subscription's
 /// deliveries (`send orders`), where `on`: made once, not a message.
 pub(crate) fn span_name(on: bool, operation: &str, resource: &str) -> Option<Box<str>> {

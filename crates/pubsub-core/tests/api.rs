@@ -378,6 +378,30 @@ async fn a_handler_can_shut_its_subscription_down() {
     topic.shutdown().await.unwrap();
 }
 
+/// The most operations in a row during which another task got no turn,
+/// from the count of its turns seen after each operation.
+struct Runs {
+    seen: usize,
+    run: usize,
+    longest: usize,
+}
+
+impl Runs {
+    fn after(turns: usize) -> Self {
+        Runs {
+            seen: turns,
+            run: 0,
+            longest: 0,
+        }
+    }
+
+    fn op_done(&mut self, turns: usize) {
+        self.run = if turns == self.seen { self.run + 1 } else { 1 };
+        self.seen = turns;
+        self.longest = self.longest.max(self.run);
+    }
+}
+
 /// Sends the in-memory broker takes at once, and receives of messages
 /// already queued, still let the worker's other tasks run: on a one-thread
 /// runtime a task that yields in a loop gets turns all through a send loop
@@ -400,33 +424,27 @@ async fn send_and_receive_loops_let_other_tasks_run() {
             }
         }
     });
-    // The most operations in a row with no turn for the other task.
-    let mut longest = 0;
-    let (mut run, mut seen) = (0, turns.load(Ordering::Relaxed));
+    let mut sends = Runs::after(turns.load(Ordering::Relaxed));
     for i in 0..N {
         topic.send(Message::new(format!("m{i}"))).await.unwrap();
-        let now = turns.load(Ordering::Relaxed);
-        run = if now == seen { run + 1 } else { 1 };
-        seen = now;
-        longest = longest.max(run);
+        sends.op_done(turns.load(Ordering::Relaxed));
     }
     // Tokio's budget is 128 operations a turn.
     assert!(
-        longest <= 256,
-        "{longest} sends in a row kept the other task waiting"
+        sends.longest <= 256,
+        "{} sends in a row kept the other task waiting",
+        sends.longest
     );
 
-    let (mut longest, mut run) = (0, 0);
+    let mut receives = Runs::after(turns.load(Ordering::Relaxed));
     for _ in 0..N {
         sub.receive().await.unwrap().ack();
-        let now = turns.load(Ordering::Relaxed);
-        run = if now == seen { run + 1 } else { 1 };
-        seen = now;
-        longest = longest.max(run);
+        receives.op_done(turns.load(Ordering::Relaxed));
     }
     assert!(
-        longest <= 256,
-        "{longest} receives in a row kept the other task waiting"
+        receives.longest <= 256,
+        "{} receives in a row kept the other task waiting",
+        receives.longest
     );
     ticker.abort();
     topic.shutdown().await.unwrap();

@@ -154,6 +154,12 @@ impl driver::Topic for TopicDriver {
             attributes: m.attributes.clone(),
             ordering_key: m.ordering_key.clone(),
         };
+        let unhooked = || {
+            batch.iter().zip(first..).map(|(m, seq)| Stored {
+                seq,
+                record: record(m),
+            })
+        };
         let mut failed = Vec::new();
         // Hooks are user code: they run before any broker lock is taken
         // (one that opened or deleted a subscription would deadlock).
@@ -178,23 +184,12 @@ impl driver::Topic for TopicDriver {
                 // Without hooks the records go straight into the one
                 // subscription's queue: no batch of them is built.
                 [only] if !hooked => {
-                    let stored = batch.iter().zip(first..).map(|(m, seq)| Stored {
-                        seq,
-                        record: record(m),
-                    });
-                    lock(&only.q).ready.extend(stored.map(|m| (m, 0)));
+                    lock(&only.q).ready.extend(unhooked().map(|m| (m, 0)));
                     only.wake();
                 }
                 subs => {
                     if !hooked {
-                        stored = batch
-                            .iter()
-                            .zip(first..)
-                            .map(|(m, seq)| Stored {
-                                seq,
-                                record: record(m),
-                            })
-                            .collect();
+                        stored = unhooked().collect();
                     }
                     // Each subscription keeps a copy of its own (a body is
                     // shared, attributes are copied), as a broker does: the

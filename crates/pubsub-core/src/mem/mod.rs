@@ -272,10 +272,7 @@ impl SubQueue {
     fn next_deadline(&self) -> Option<Instant> {
         let batch = self.received.front().map(|b| b.deadline);
         let other = self.deadlines.peek().map(|Reverse((d, _))| *d);
-        match (batch, other) {
-            (Some(b), Some(o)) => Some(b.min(o)),
-            (b, o) => b.or(o),
-        }
+        batch.into_iter().chain(other).min()
     }
 }
 
@@ -570,9 +567,10 @@ mod tests {
         let mut q = SubQueue::default();
         let t0 = Instant::now();
         let s = Duration::from_secs;
-        let a = receive(&mut q, 3, t0 + s(10)); // 0, 1, 2
-        let b = receive(&mut q, 2, t0 + s(20)); // 3, 4
-                                                // Tag 1 extended past tag 3's deadline, tag 4 brought before tag 0's.
+        // Tags 0, 1, 2, then 3, 4.
+        let a = receive(&mut q, 3, t0 + s(10));
+        let b = receive(&mut q, 2, t0 + s(20));
+        // Tag 1 extended past tag 3's deadline, tag 4 brought before tag 0's.
         for (tag, due) in [(a.start + 1, t0 + s(25)), (b.start + 1, t0 + s(5))] {
             q.outstanding.get_mut(&tag).unwrap().deadline = due;
             q.deadlines.push(Reverse((due, tag)));
