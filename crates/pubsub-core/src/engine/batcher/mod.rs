@@ -72,6 +72,9 @@ struct Inner<T, H> {
 
 struct State<T> {
     pending: VecDeque<Entry<T>>,
+    /// The sizes of `pending`'s items summed, withdrawn ones included, so
+    /// a queue that fits one batch is taken whole without a walk.
+    pending_bytes: usize,
     /// An emptied batch's buffer, to become `pending` when a handler next
     /// takes everything, so a stream of items does not regrow one.
     spare: VecDeque<Entry<T>>,
@@ -117,6 +120,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
                 handler,
                 state: Mutex::new(State {
                     pending: VecDeque::new(),
+                    pending_bytes: 0,
                     spare: VecDeque::new(),
                     active: 0,
                     added: 0,
@@ -172,6 +176,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             } else {
                 let (tx, rx) = oneshot::channel();
                 st.added = st.added.wrapping_add(1);
+                st.pending_bytes += size;
                 st.pending.push_back(Entry {
                     item: item.take().expect("not yet moved"),
                     size,
@@ -247,6 +252,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Batcher<T, H> {
             return Err(Error::failed_precondition("already shut down"));
         }
         st.added = st.added.wrapping_add(1);
+        st.pending_bytes += entry.size;
         st.pending.push_back(entry);
         self.start_handlers(&mut st);
         Ok(())
@@ -336,11 +342,17 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     }
 
     /// Called under the lock that every new item takes too, so the common
-    /// case (all that waits fits one batch, no byte limit) swaps the queue
-    /// out whole instead of walking it; withdrawn items are skipped when
-    /// the batch runs.
+    /// case (all that waits fits one batch) swaps the queue out whole
+    /// instead of moving each item; withdrawn items are skipped when the
+    /// batch runs.
     fn take_batch(&self, st: &mut State<T>) -> VecDeque<Entry<T>> {
-        if self.limits.max_batch_bytes.is_none() && st.pending.len() <= self.limits.max_batch_size {
+        if st.pending.len() <= self.limits.max_batch_size
+            && self
+                .limits
+                .max_batch_bytes
+                .map_or(true, |max| st.pending_bytes <= max)
+        {
+            st.pending_bytes = 0;
             let spare = std::mem::take(&mut st.spare);
             return std::mem::replace(&mut st.pending, spare);
         }
@@ -351,6 +363,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 break;
             };
             if front.withdrawn() {
+                st.pending_bytes -= front.size;
                 st.pending.pop_front();
                 continue;
             }
@@ -360,6 +373,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 }
             }
             bytes += front.size;
+            st.pending_bytes -= front.size;
             batch.push_back(st.pending.pop_front().expect("front exists"));
         }
         batch
@@ -518,6 +532,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
             // Withdrawn items left behind below the minimum are not worth a
             // wake-up of their own.
             st.pending.retain(|e| !e.withdrawn());
+            st.pending_bytes = st.pending.iter().map(|e| e.size).sum();
             if st.pending.is_empty() {
                 self.idle.notify_waiters();
             }
@@ -737,6 +752,43 @@ mod tests {
             "10 bytes hold two items of 4: {batches:?}"
         );
         assert_eq!(batches.concat(), (1..=7).collect::<Vec<_>>());
+    }
+
+    /// A queue within the byte limit is taken whole, one over it is cut
+    /// at the limit, and a withdrawn item's bytes count for neither.
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_limit_cuts_only_a_queue_that_exceeds_it() {
+        let rec = Arc::new(Recorder {
+            delay: Duration::from_millis(10),
+            ..Default::default()
+        });
+        let limits = BatchLimits::new(100, 1).with_max_bytes(10);
+        let b = Batcher::new(limits, fast_retry(), rec.clone());
+        let busy = b.add(0, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Queued while the only handler is busy: 2 + 8 withdrawn + 3 + 5.
+        let first = b.add(1, 2).unwrap();
+        drop(b.add(2, 8).unwrap());
+        let rest = [b.add(3, 3).unwrap(), b.add(4, 5).unwrap()];
+        busy.await.unwrap().unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        // Then 4 + 4 + 4: over the limit, so cut after two.
+        let busy = b.add(5, 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let more: Vec<_> = (6..=8).map(|i| b.add(i, 4).unwrap()).collect();
+        busy.await.unwrap().unwrap();
+        for r in more {
+            r.await.unwrap().unwrap();
+        }
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![vec![0], vec![1, 3, 4], vec![5], vec![6, 7], vec![8]],
+            "10 bytes: 2 + 3 + 5 travel together, 4 + 4 + 4 do not"
+        );
     }
 
     #[tokio::test(start_paused = true)]
