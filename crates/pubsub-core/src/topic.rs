@@ -423,6 +423,53 @@ mod give_up_tests {
         assert!(driver.calls.load(Ordering::Relaxed) > 5, "it retried");
     }
 
+    /// A backend whose every call hangs for `hang` and then fails as
+    /// temporary.
+    #[derive(Debug)]
+    struct Hangs {
+        hang: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl driver::Topic for Hangs {
+        fn driver_name(&self) -> &'static str {
+            "hangs"
+        }
+        fn resource(&self) -> &str {
+            "t"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn send_batch(&self, _: &[OutgoingMessage]) -> Result<(), BatchError> {
+            tokio::time::sleep(self.hang).await;
+            Err(BatchError::All(
+                Error::unavailable("timed out").with_temporary(true),
+            ))
+        }
+    }
+
+    /// The limit counts the first attempt too: a lone send whose attempts
+    /// each hang for 50 s fails after its second (at 100 s: 50 s had passed
+    /// of the 60 s limit when it began), not its third (150 s, were the
+    /// limit counted from the first failure).
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_limit_counts_a_slow_first_attempt() {
+        let hang = Duration::from_secs(50);
+        let topic = Topic::with_options(Arc::new(Hangs { hang }), TopicOptions::default());
+        let started = tokio::time::Instant::now();
+        let e = topic
+            .send(Message::new("m"))
+            .await
+            .expect_err("the backend never answers");
+        assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{e}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(110),
+            "the first attempt was not counted: gave up after {took:?}"
+        );
+    }
+
     fn topic_limit() -> Option<Duration> {
         TopicOptions::default().retry.give_up_after
     }

@@ -2,6 +2,8 @@
 //! failures.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::Poll;
 
 use super::{BatchHandler, Entry, Inner};
 use crate::driver::BatchError;
@@ -16,10 +18,23 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
     /// lone send makes needs no queue, reply channel or result vectors.
     pub(super) async fn run_one(&self, item: &T) -> Result<()> {
         let batch = std::slice::from_ref(item);
-        let started = self.retry.started();
+        // The retry limit counts from before the first attempt. A first
+        // attempt that completes when first polled took no time, so the
+        // clock is read only when it does not, or when it failed: a lone
+        // in-memory send then reads no clock (a fortieth of its time).
+        let (mut outcome, mut started) = {
+            let mut call = std::pin::pin!(self.handler.handle(batch));
+            match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+                Poll::Ready(outcome) => (outcome, None),
+                Poll::Pending => {
+                    let started = self.retry.started();
+                    (call.await, started)
+                }
+            }
+        };
         let mut attempt = 0u32;
         loop {
-            let e = match self.handler.handle(batch).await {
+            let e = match outcome {
                 Ok(()) => return Ok(()),
                 Err(BatchError::All(e)) => e,
                 Err(BatchError::Items(mut failed)) => match failed.pop() {
@@ -30,6 +45,9 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
             if !e.is_temporary() || (attempt >= SHUTDOWN_RETRIES && self.lock().closed) {
                 return Err(e);
             }
+            if started.is_none() {
+                started = self.retry.started();
+            }
             let wait = self.retry.backoff(attempt);
             if let Some(gave_up) = self.retry.give_up(started, wait, attempt + 1, &e) {
                 return Err(gave_up);
@@ -38,6 +56,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
             self.handler.retrying();
             tokio::time::sleep(wait).await;
             attempt = attempt.saturating_add(1);
+            outcome = self.handler.handle(batch).await;
         }
     }
 
