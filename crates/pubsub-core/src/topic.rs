@@ -364,10 +364,12 @@ mod give_up_tests {
     use crate::driver::BatchError;
     use crate::{ErrorKind, RetryPolicy, DEFAULT_SEND_GIVE_UP};
 
-    /// A backend that is away: every send fails as temporary.
+    /// A backend that is away: every send fails as temporary, after
+    /// hanging for `hang`.
     #[derive(Debug, Default)]
     struct Down {
         calls: AtomicU32,
+        hang: Duration,
     }
 
     #[async_trait::async_trait]
@@ -386,6 +388,9 @@ mod give_up_tests {
         }
         async fn send_batch(&self, _: &[OutgoingMessage]) -> Result<(), BatchError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
+            if !self.hang.is_zero() {
+                tokio::time::sleep(self.hang).await;
+            }
             Err(BatchError::All(
                 Error::unavailable("connection refused").with_temporary(true),
             ))
@@ -423,40 +428,17 @@ mod give_up_tests {
         assert!(driver.calls.load(Ordering::Relaxed) > 5, "it retried");
     }
 
-    /// A backend whose every call hangs for `hang` and then fails as
-    /// temporary.
-    #[derive(Debug)]
-    struct Hangs {
-        hang: Duration,
-    }
-
-    #[async_trait::async_trait]
-    impl driver::Topic for Hangs {
-        fn driver_name(&self) -> &'static str {
-            "hangs"
-        }
-        fn resource(&self) -> &str {
-            "t"
-        }
-        fn capabilities(&self) -> Capabilities {
-            Capabilities::default()
-        }
-        async fn send_batch(&self, _: &[OutgoingMessage]) -> Result<(), BatchError> {
-            tokio::time::sleep(self.hang).await;
-            Err(BatchError::All(
-                Error::unavailable("timed out").with_temporary(true),
-            ))
-        }
-    }
-
     /// The limit counts the first attempt too: a lone send whose attempts
     /// each hang for 50 s fails after its second (at 100 s: 50 s had passed
     /// of the 60 s limit when it began), not its third (150 s, were the
     /// limit counted from the first failure).
     #[tokio::test(start_paused = true)]
     async fn the_retry_limit_counts_a_slow_first_attempt() {
-        let hang = Duration::from_secs(50);
-        let topic = Topic::with_options(Arc::new(Hangs { hang }), TopicOptions::default());
+        let driver = Down {
+            hang: Duration::from_secs(50),
+            ..Down::default()
+        };
+        let topic = Topic::with_options(Arc::new(driver), TopicOptions::default());
         let started = tokio::time::Instant::now();
         let e = topic
             .send(Message::new("m"))

@@ -531,8 +531,13 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
         if st.active == 0 {
             // Withdrawn items left behind below the minimum are not worth a
             // wake-up of their own.
-            st.pending.retain(|e| !e.withdrawn());
-            st.pending_bytes = st.pending.iter().map(|e| e.size).sum();
+            let mut dropped = 0;
+            st.pending.retain(|e| {
+                let withdrawn = e.withdrawn();
+                dropped += if withdrawn { e.size } else { 0 };
+                !withdrawn
+            });
+            st.pending_bytes -= dropped;
             if st.pending.is_empty() {
                 self.idle.notify_waiters();
             }
