@@ -184,7 +184,7 @@ impl driver::Topic for TopicDriver {
                 // Without hooks the records go straight into the one
                 // subscription's queue: no batch of them is built.
                 [only] if !hooked => {
-                    lock(&only.q).ready.extend(unhooked().map(|m| (m, 0)));
+                    lock(&only.incoming).extend(unhooked().map(|m| (m, 0)));
                     only.wake();
                 }
                 subs => {
@@ -196,14 +196,10 @@ impl driver::Topic for TopicDriver {
                     // last one takes the batch's.
                     if let Some((last, others)) = subs.split_last() {
                         for s in others {
-                            lock(&s.q)
-                                .ready
-                                .extend(stored.iter().map(|m| (m.clone(), 0)));
+                            lock(&s.incoming).extend(stored.iter().map(|m| (m.clone(), 0)));
                             s.wake();
                         }
-                        lock(&last.q)
-                            .ready
-                            .extend(stored.into_iter().map(|m| (m, 0)));
+                        lock(&last.incoming).extend(stored.into_iter().map(|m| (m, 0)));
                         last.wake();
                     }
                 }
@@ -299,7 +295,7 @@ impl SubscriptionDriver {
         mut f: impl FnMut(&mut SubQueue, u64),
     ) -> Result<(), BatchError> {
         let s = self.state()?;
-        let mut q = lock(&s.q);
+        let mut q = s.queue();
         for id in ids {
             // Ids of other drivers cannot occur; unknown tags (already acked
             // or redelivered) are ignored, as a real broker does.
@@ -353,11 +349,12 @@ impl driver::Subscription for SubscriptionDriver {
                         self.name
                     )));
                 }
-                let mut q = lock(&s.q);
+                let mut q = s.queue();
                 // Read under the lock: two receives may race for it, and
                 // the batches' deadlines must be queued in time order.
                 let now = Instant::now();
                 q.reap(now);
+                s.take_incoming(&mut q);
                 if !q.ready.is_empty() {
                     let n = max.min(q.ready.len());
                     let deadline = now + s.ack_deadline;
@@ -400,8 +397,8 @@ impl driver::Subscription for SubscriptionDriver {
                     return Ok(Vec::new());
                 }
                 let poll_left = POLL - waited;
-                // Counted under the queue's lock, where senders push: one
-                // that pushes after this sees the count and wakes us.
+                // Counted before `incoming` is looked at once more: a send
+                // that pushed after that look sees the count and wakes us.
                 notified.as_mut().enable();
                 s.waiting.fetch_add(1, Ordering::SeqCst);
                 q.next_deadline().map_or(poll_left, |d| {
@@ -410,14 +407,21 @@ impl driver::Subscription for SubscriptionDriver {
             };
             // Uncounted however the wait ends, a dropped receive included.
             let _counted = Uncount(&s.waiting);
-            let _ = tokio::time::timeout(wait, notified).await;
+            if lock(&s.incoming).is_empty() {
+                let _ = tokio::time::timeout(wait, notified).await;
+            }
         }
     }
 
     fn send_acks<'a>(&'a self, ids: &'a [AckId]) -> Settlement<'a> {
-        Settlement::done(self.settle(ids.iter(), |q, tag| {
-            q.outstanding.remove(&tag);
-        }))
+        // Ids of other drivers cannot occur.
+        Settlement::done(
+            self.state()
+                .map(|s| {
+                    s.ack(ids.iter().filter_map(AckId::as_u64));
+                })
+                .map_err(BatchError::from),
+        )
     }
 
     fn send_nacks<'a>(&'a self, nacks: &'a [Nacked]) -> Settlement<'a> {
