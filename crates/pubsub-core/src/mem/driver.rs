@@ -354,14 +354,25 @@ impl driver::Subscription for SubscriptionDriver {
                 // the batches' deadlines must be queued in time order.
                 let now = Instant::now();
                 q.reap(now);
-                s.take_incoming(&mut q);
+                if q.ready.is_empty() {
+                    s.take_incoming(&mut q);
+                }
                 if !q.ready.is_empty() {
-                    let n = max.min(q.ready.len());
                     let deadline = now + s.ack_deadline;
-                    let mut out = Vec::with_capacity(n);
+                    let mut out = Vec::with_capacity(max.min(q.ready.len()));
                     let first_tag = q.next_tag;
-                    for _ in 0..n {
-                        let Some((msg, attempts)) = q.ready.pop_front() else {
+                    while out.len() < max {
+                        // Sent messages are taken only once the ready ones
+                        // are out, so that they are never copied into
+                        // the ready queue one by one.
+                        let next = match q.ready.pop_front() {
+                            Some(m) => Some(m),
+                            None => {
+                                s.take_incoming(&mut q);
+                                q.ready.pop_front()
+                            }
+                        };
+                        let Some((msg, attempts)) = next else {
                             break;
                         };
                         let tag = q.next_tag;

@@ -535,15 +535,15 @@ impl SubState {
     }
 
     /// Moves the messages sent since the last call to the back of the
-    /// ready queue.
+    /// ready queue. Receives call it once that queue is empty: the sent
+    /// messages then become the ready queue as they are, and its empty
+    /// buffer takes the next sends, so no message is copied.
     fn take_incoming(&self, q: &mut SubQueue) {
         let mut incoming = lock(&self.incoming);
         if incoming.is_empty() {
             return;
         }
         if q.ready.is_empty() {
-            // The sent messages become the ready queue as they are, and
-            // the empty ready queue's buffer takes the next sends.
             let spare = Vec::from(std::mem::take(&mut q.ready));
             q.ready = VecDeque::from(std::mem::replace(&mut *incoming, spare));
         } else {
