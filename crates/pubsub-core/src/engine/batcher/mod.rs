@@ -84,6 +84,9 @@ struct State<T> {
     added: u64,
     /// Set by `shutdown`: send what waits even below the minimum.
     flushing: bool,
+    /// Set by `shutdown` before it waits on `idle`, so that only then does
+    /// going idle wake anyone (the notifier takes a lock of its own, on
+    /// every lone send otherwise).
     closed: bool,
 }
 
@@ -294,7 +297,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Drop for Slot<'_, T, H> {
         let mut st = self.0.inner.lock();
         st.active -= 1;
         self.0.start_handlers(&mut st);
-        if st.active == 0 && st.pending.is_empty() {
+        if st.closed && st.active == 0 && st.pending.is_empty() {
             self.0.inner.idle.notify_waiters();
         }
     }
@@ -538,7 +541,7 @@ impl<T: Send + Sync + 'static, H: BatchHandler<T>> Inner<T, H> {
                 !withdrawn
             });
             st.pending_bytes -= dropped;
-            if st.pending.is_empty() {
+            if st.closed && st.pending.is_empty() {
                 self.idle.notify_waiters();
             }
         }
