@@ -332,6 +332,11 @@ impl driver::Subscription for SubscriptionDriver {
     }
 
     async fn close(&self) -> Result<()> {
+        // The held acks let their messages go now: nobody may receive
+        // from this subscription again to apply them.
+        if let Ok(s) = self.state() {
+            drop(s.queue());
+        }
         self.delete();
         Ok(())
     }

@@ -88,8 +88,11 @@ pub const MAX_NACK_DELAY: Duration = Duration::from_secs(12 * 3600);
 /// How long one `receive_batch` waits for a message before returning none.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Acks held before the acking thread applies them itself.
-const ACKS_HELD: usize = 4096;
+/// Acks held before the acking thread applies them itself: few enough
+/// that a subscription nobody receives from any more keeps few acked
+/// messages (closing applies the rest), enough that the acker rarely
+/// takes the queue's lock.
+const ACKS_HELD: usize = 64;
 
 /// An in-process broker. Cheap to clone; clones share the same topics.
 #[derive(Clone)]
@@ -704,6 +707,25 @@ mod tests {
         let held = lock(&s.acked).len();
         assert!(held < ACKS_HELD, "{held} acks held");
         assert!(lock(&s.q).outstanding.len() < ACKS_HELD);
+    }
+
+    /// Closing a subscription applies the acks it holds, so their messages
+    /// go even though nobody receives from it again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_applies_the_held_acks() {
+        use crate::driver::{Subscription as _, Topic as _};
+        let broker = Broker::new();
+        broker.create_topic("t").unwrap();
+        broker
+            .create_subscription("s", "t", Duration::from_secs(60))
+            .unwrap();
+        let (topic, sub) = (broker.topic_driver("t"), broker.subscription_driver("s"));
+        topic.send_batch(&[outgoing("m")]).await.unwrap();
+        let got = sub.receive_batch(10).await.unwrap();
+        sub.send_acks(&[got[0].ack_id.clone()]).await.unwrap();
+        sub.close().await.unwrap();
+        let s = broker.sub_state("s").unwrap();
+        assert_eq!(lock(&s.q).outstanding.len(), 0);
     }
 
     /// A receive waiting for messages is woken by the send that brings
