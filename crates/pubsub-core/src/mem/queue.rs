@@ -228,8 +228,9 @@ impl SubState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::Attributes;
+    use crate::driver::{AckId, Attributes, Subscription as _, Topic as _};
     use crate::mem::{Broker, Record, POLL};
+    use crate::mem::{SubscriptionDriver, TopicDriver};
     use bytes::Bytes;
     use std::sync::Arc;
 
@@ -320,21 +321,30 @@ mod tests {
         crate::driver::OutgoingMessage::new(body)
     }
 
-    /// Acks wait to be applied until the queue is next locked; a deadline
-    /// that passed meanwhile still does not bring an acked delivery back.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_held_ack_is_applied_before_deadlines_are_read() {
-        use crate::driver::{Subscription as _, Topic as _};
+    /// A subscription with `n` messages delivered, its drivers, and the
+    /// deliveries' ack ids.
+    async fn delivered(
+        deadline: Duration,
+        n: usize,
+    ) -> (Broker, TopicDriver, SubscriptionDriver, Vec<AckId>) {
         let broker = Broker::new();
         broker.create_topic("t").unwrap();
-        broker
-            .create_subscription("s", "t", Duration::from_millis(50))
-            .unwrap();
+        broker.create_subscription("s", "t", deadline).unwrap();
         let (topic, sub) = (broker.topic_driver("t"), broker.subscription_driver("s"));
-        topic.send_batch(&[outgoing("acked")]).await.unwrap();
-        let got = sub.receive_batch(10).await.unwrap();
-        assert_eq!(got.len(), 1);
-        sub.send_acks(&[got[0].ack_id.clone()]).await.unwrap();
+        let batch: Vec<_> = (0..n).map(|_| outgoing("m")).collect();
+        topic.send_batch(&batch).await.unwrap();
+        let got = sub.receive_batch(n).await.unwrap();
+        assert_eq!(got.len(), n);
+        let ids = got.into_iter().map(|m| m.ack_id).collect();
+        (broker, topic, sub, ids)
+    }
+
+    /// Acks wait to be applied until the queue is next locked; a deadline
+    /// that passed meanwhile still does not bring an acked delivery back.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_held_ack_is_applied_before_deadlines_are_read() {
+        let (broker, topic, sub, ids) = delivered(Duration::from_millis(50), 1).await;
+        sub.send_acks(&ids).await.unwrap();
         tokio::time::sleep(Duration::from_millis(120)).await;
         topic.send_batch(&[outgoing("next")]).await.unwrap();
         let got = sub.receive_batch(10).await.unwrap();
@@ -347,25 +357,7 @@ mod tests {
     /// wait, so their messages are let go.
     #[tokio::test(flavor = "current_thread")]
     async fn many_held_acks_are_applied_by_the_acker() {
-        use crate::driver::{Subscription as _, Topic as _};
-        let broker = Broker::new();
-        broker.create_topic("t").unwrap();
-        broker
-            .create_subscription("s", "t", Duration::from_secs(60))
-            .unwrap();
-        let (topic, sub) = (broker.topic_driver("t"), broker.subscription_driver("s"));
-        let batch: Vec<_> = (0..1000).map(|_| outgoing("m")).collect();
-        let mut ids = Vec::new();
-        for _ in 0..ACKS_HELD / 1000 + 1 {
-            topic.send_batch(&batch).await.unwrap();
-            ids.extend(
-                sub.receive_batch(1000)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|m| m.ack_id),
-            );
-        }
+        let (broker, _topic, sub, ids) = delivered(Duration::from_secs(60), 3 * ACKS_HELD).await;
         for id in &ids {
             sub.send_acks(std::slice::from_ref(id)).await.unwrap();
         }
@@ -379,16 +371,8 @@ mod tests {
     /// go even though nobody receives from it again.
     #[tokio::test(flavor = "current_thread")]
     async fn closing_applies_the_held_acks() {
-        use crate::driver::{Subscription as _, Topic as _};
-        let broker = Broker::new();
-        broker.create_topic("t").unwrap();
-        broker
-            .create_subscription("s", "t", Duration::from_secs(60))
-            .unwrap();
-        let (topic, sub) = (broker.topic_driver("t"), broker.subscription_driver("s"));
-        topic.send_batch(&[outgoing("m")]).await.unwrap();
-        let got = sub.receive_batch(10).await.unwrap();
-        sub.send_acks(&[got[0].ack_id.clone()]).await.unwrap();
+        let (broker, _topic, sub, ids) = delivered(Duration::from_secs(60), 1).await;
+        sub.send_acks(&ids).await.unwrap();
         sub.close().await.unwrap();
         let s = broker.sub_state("s").unwrap();
         assert_eq!(lock(&s.q).outstanding.len(), 0);
@@ -398,7 +382,6 @@ mod tests {
     /// one, not by its poll running out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_receive_is_woken_by_a_send() {
-        use crate::driver::{Subscription as _, Topic as _};
         let broker = Broker::new();
         broker.create_topic("t").unwrap();
         broker
