@@ -57,6 +57,7 @@ use crate::topic::Topic;
 
 mod driver;
 mod queue;
+mod resolved;
 mod url;
 
 use queue::{Outstanding, SubQueue, SubState};
