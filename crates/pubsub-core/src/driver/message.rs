@@ -219,6 +219,12 @@ impl OutgoingMessage {
         format!("{:032x}", self.id)
     }
 
+    /// Whether a before-send hook waits to see this message's record: a
+    /// driver can hand over a message without one as soon as it is made.
+    pub fn has_before_send(&self) -> bool {
+        self.before_send.is_some()
+    }
+
     /// Whether an after-send hook is set, so drivers can skip building the
     /// record it would see.
     pub fn has_after_send(&self) -> bool {
