@@ -44,10 +44,12 @@
 //!   Batching is the core's alone: each batch it hands over leaves as one
 //!   Publish request (up to 1,000 messages and 8 MB; one request an
 //!   ordering key, as Pub/Sub publishes a key in order), through a
-//!   `Publisher` made for that batch whose thresholds never split it or
-//!   hold it on a timer. Failures come back for each message; the core
-//!   retries the temporary ones, and the client's own retries are off so
-//!   the two do not stack.
+//!   `Publisher` sized to that batch (a long-lived one for each size; one
+//!   made for the batch alone where it has ordering keys) whose thresholds
+//!   never split it or hold it on a timer. A batch without ordering keys
+//!   or before-send hooks hands each record over as it is made. Failures
+//!   come back for each message; the core retries the temporary ones, and
+//!   the client's own retries are off so the two do not stack.
 //! - Refused before any I/O, with `InvalidArgument`: a name Pub/Sub would
 //!   refuse (3–255 characters, starting with a letter, of letters, digits
 //!   and `-_.~+%`, not starting with `goog`), a path of any other shape, a
