@@ -46,8 +46,8 @@
 //!   ordering key, as Pub/Sub publishes a key in order), through a
 //!   `Publisher` sized to that batch (a long-lived one for each size; one
 //!   made for the batch alone where it has ordering keys) whose thresholds
-//!   never split it or hold it on a timer. A batch without ordering keys
-//!   or before-send hooks hands each record over as it is made. Failures
+//!   never split it or hold it on a timer. A batch without before-send
+//!   hooks hands each record over as it is made. Failures
 //!   come back for each message; the core retries the temporary ones, and
 //!   the client's own retries are off so the two do not stack.
 //! - Refused before any I/O, with `InvalidArgument`: a name Pub/Sub would

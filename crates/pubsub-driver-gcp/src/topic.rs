@@ -173,17 +173,6 @@ impl GcpTopic {
         m.run_before_send(&mut record)?;
         Ok(record)
     }
-
-    /// Whether every message of the batch goes out as it is: valid, without
-    /// an ordering key or a before-send hook. Such a batch's size is known
-    /// before its first record is made.
-    fn plain(&self, batch: &[OutgoingMessage]) -> bool {
-        batch.iter().all(|m| {
-            !m.has_before_send()
-                && m.ordering_key.as_deref().is_none_or(str::is_empty)
-                && self.check(m).is_ok()
-        })
-    }
 }
 
 pub(crate) fn capabilities(config: &TopicConfig) -> Capabilities {
@@ -222,19 +211,29 @@ impl driver::Topic for GcpTopic {
 
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<(), BatchError> {
         let mut failed = Vec::new();
-        if self.plain(batch) {
-            // Each record is handed over as soon as it is made, so the
+        if !batch.iter().any(OutgoingMessage::has_before_send) {
+            // Without hooks the checks alone give the batch's size, so each
+            // record is handed over as soon as it is made and the
             // publisher's tasks (on another core where there is one) take
-            // the first while the rest are made: after the last sender
-            // came back, making all the records and only then handing
-            // them over was a chain the raw publisher's senders do not
+            // the first while the rest are made: making all the records
+            // and only then handing them over was a chain, after the last
+            // sender came back, that the raw publisher's senders do not
             // wait for.
-            let publisher = self.batch_publisher(batch.len().max(1), false);
-            let pending: Vec<_> = batch
-                .iter()
-                .map(|m| publisher.publish(Self::plain_record(m)))
-                .enumerate()
-                .collect();
+            let mut valid = Vec::with_capacity(batch.len());
+            for (i, m) in batch.iter().enumerate() {
+                match self.check(m) {
+                    Ok(()) => valid.push(i),
+                    Err(e) => failed.push((i, e)),
+                }
+            }
+            let keyed = valid.iter().any(|&i| {
+                batch[i]
+                    .ordering_key
+                    .as_deref()
+                    .is_some_and(|k| !k.is_empty())
+            });
+            let records = valid.iter().map(|&i| (i, Self::plain_record(&batch[i])));
+            let pending = self.publish(valid.len(), keyed, records);
             return self.answered(batch, pending, failed).await;
         }
         let mut records = Vec::with_capacity(batch.len());
@@ -245,19 +244,7 @@ impl driver::Topic for GcpTopic {
             }
         }
         let keyed = records.iter().any(|(_, r)| !r.ordering_key.is_empty());
-        let publisher = self.batch_publisher(records.len().max(1), keyed);
-        // Published without an await between them, so a batch is never
-        // cut short: a sized publisher sends when its last one is in.
-        let pending: Vec<_> = records
-            .into_iter()
-            .map(|(i, r)| (i, publisher.publish(r)))
-            .collect();
-        // A publisher of this batch alone sends what it holds when its
-        // last handle is dropped.
-        drop(publisher);
-        // Each batch has a publisher of its own, so a key the publisher
-        // pauses after a failure never holds up a later batch: the core's
-        // retry of this one goes out in order.
+        let pending = self.publish(records.len(), keyed, records.into_iter());
         self.answered(batch, pending, failed).await
     }
 
@@ -274,6 +261,27 @@ impl driver::Topic for GcpTopic {
 }
 
 impl GcpTopic {
+    /// Publishes a batch of `count` records, `keyed` if any has an ordering
+    /// key, and gives each one's index and pending answer.
+    fn publish(
+        &self,
+        count: usize,
+        keyed: bool,
+        records: impl Iterator<Item = (usize, Message)>,
+    ) -> Vec<(usize, PublishFuture)> {
+        let publisher = self.batch_publisher(count.max(1), keyed);
+        // Published without an await between them, so a batch is never
+        // cut short: a sized publisher sends when its last one is in.
+        let pending = records.map(|(i, r)| (i, publisher.publish(r))).collect();
+        // A publisher of this batch alone sends what it holds when its
+        // last handle is dropped. Each batch with ordering keys has a
+        // publisher of its own, so a key the publisher pauses after a
+        // failure never holds up a later batch: the core's retry of this
+        // one goes out in order.
+        drop(publisher);
+        pending
+    }
+
     /// Waits for each published message's answer and reports the batch's
     /// failures, `failed` (those refused before publishing) included.
     async fn answered(
